@@ -1,0 +1,5 @@
+"""``python -m peftcore``: the command line."""
+
+from peftcore.cli import main
+
+raise SystemExit(main())

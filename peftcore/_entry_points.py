@@ -1,0 +1,23 @@
+"""peftcore's own plugins, declared through the same entry-point groups third parties use.
+
+This file is pure data: ``setup.py`` reads it (without importing peftcore) to write the
+package's entry points, and the registry falls back to it when peftcore runs from a source
+tree that was never installed (no packaging metadata to read).
+"""
+
+ENTRY_POINTS = {
+    "peftcore.methods": [
+        "lora = peftcore.tuners.lora.method:LoraMethod",
+    ],
+    "peftcore.layers": [
+        "lora.linear = peftcore.tuners.lora.layers:LINEAR",
+        "lora.hf_conv1d = peftcore.tuners.lora.layers:HF_CONV1D",
+        "lora.embedding = peftcore.tuners.lora.layers:EMBEDDING",
+        "lora.conv1d = peftcore.tuners.lora.layers:CONV1D",
+        "lora.conv2d = peftcore.tuners.lora.layers:CONV2D",
+        "lora.conv3d = peftcore.tuners.lora.layers:CONV3D",
+    ],
+    "peftcore.kernels": [
+        "lora_linear.reference = peftcore.ops.lora:REFERENCE",
+    ],
+}

@@ -1,0 +1,1 @@
+"""Ops with a plain-PyTorch reference and optional fused backends (see ``dispatch``)."""

@@ -1,0 +1,85 @@
+"""The dropout mask every backend shares: Philox4x32-10, counter-based, in plain PyTorch.
+
+The mask is a pure function of (seed, element offset), so a kernel regenerates it in backward
+instead of storing it, whatever its tiling, and every backend (reference, C++, Triton, CUDA)
+draws the very same mask:
+
+* key ``(k0, k1)`` = low and high 32 bits of the 64-bit seed;
+* counter ``(c0, c1, c2, c3)`` = ``(g & 0xffffffff, g >> 32, 0, 0)`` where ``g = offset >> 2``;
+* ten Philox rounds (constants as in Salmon et al. 2011 and ``triton.language.philox``);
+* lane ``offset & 3`` of the four outputs is the element's 32-bit draw ``r``;
+* the element is kept iff ``(r >> 1) >= threshold(p)`` with ``threshold(p) = floor(p * 2**31)``,
+  and kept elements are scaled by ``1 / (1 - p)``.
+
+``offset`` is the row-major index of the element in the op's input viewed as ``(M, K)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+N_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+def threshold(p: float) -> int:
+    """The 31-bit threshold below which a draw is dropped."""
+    return int(p * 2**31)
+
+
+def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
+    # (a * b) >> 32 for a 32-bit constant a and 32-bit b held in int64, without overflow.
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    return (a * b_hi + ((a * b_lo) >> 16)) >> 16
+
+
+def philox4x32(seed: int, counter: torch.Tensor, rounds: int = N_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 on counters ``(counter & 0xffffffff, counter >> 32, 0, 0)``.
+
+    Args:
+        seed: 64-bit key (low/high halves are k0/k1); taken modulo 2**64.
+        counter: int64 tensor of block counters, any shape.
+
+    Returns:
+        Four int64 tensors holding the 32-bit outputs c0..c3, shaped like ``counter``.
+    """
+    seed &= 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _MASK32, seed >> 32
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for _ in range(rounds):
+        prev_c0, prev_c2 = c0, c2
+        c0 = _umulhi(PHILOX_ROUND_B, prev_c2) ^ c1 ^ k0
+        c2 = _umulhi(PHILOX_ROUND_A, prev_c0) ^ c3 ^ k1
+        c1 = (PHILOX_ROUND_B * prev_c2) & _MASK32
+        c3 = (PHILOX_ROUND_A * prev_c0) & _MASK32
+        k0 = (k0 + PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def random_bits(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """The 32-bit draws ``r`` for offsets ``start .. start + numel - 1`` (int64 tensor)."""
+    first, last = start >> 2, (start + numel - 1) >> 2
+    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    lanes = torch.stack(philox4x32(seed, counters), dim=1).reshape(-1)  # (4 * groups,)
+    skip = start - (first << 2)
+    return lanes[skip: skip + numel]
+
+
+def keep_mask(seed: int, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The boolean keep-mask of dropout with probability ``p``, for a row-major tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel == 0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    bits = random_bits(seed, numel, device)
+    return ((bits >> 1) >= threshold(p)).reshape(shape)

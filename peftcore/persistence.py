@@ -1,0 +1,300 @@
+"""Saving and loading adapters: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+Tensor keys are ``<module path>.<tensor name>`` without the adapter name, e.g.
+``bert.encoder.layer.0.attention.self.query.lora_A``; the weights of ``trainable=`` modules keep
+their ordinary state-dict keys (``classifier.weight``). Converting to HF PEFT's layout is a
+renaming of keys.
+
+Writes are crash-safe: files go to a temporary sibling directory, are flushed to disk, and the
+directory is renamed into place, so a reader sees the old adapter or the new one, never half.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcore import lifecycle, registry, targeting
+from peftcore.errors import AdapterStateError, CheckpointError, PeftcoreError, PluginError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "peftcore-adapter"
+FORMAT_VERSION = 1
+
+
+def _pick_adapter(state: lifecycle.PeftState, name: str | None) -> str:
+    if name is not None:
+        lifecycle._record(state, name)
+        return name
+    if len(state.adapters) == 1:
+        return next(iter(state.adapters))
+    if len(state.active) == 1:
+        return state.active[0]
+    raise AdapterStateError(
+        f"the model holds several adapters ({', '.join(state.adapters)}); pass name=... to say which to save"
+    )
+
+
+def _model_class(model: nn.Module) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _trainable_tensors(model: nn.Module, state: lifecycle.PeftState, record: lifecycle.AdapterRecord) -> dict[str, torch.Tensor]:
+    adapter_ids = {id(p) for ps in lifecycle._all_adapter_params(model, state).values() for p in ps}
+    tensors: dict[str, torch.Tensor] = {}
+    for path in record.trainable:
+        module = targeting.get_module(model, path)
+        for key, tensor in module.state_dict(prefix=f"{path}.", keep_vars=True).items():
+            if id(tensor) not in adapter_ids:
+                tensors[key] = tensor.detach()
+    return tensors
+
+
+def _config_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _config_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_config_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _config_json(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise CheckpointError(f"cannot write option value {value!r} ({type(value).__name__}) to JSON")
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Writes one adapter (and its ``trainable=`` modules) to a directory; never the frozen base.
+
+    Args:
+        model: a wrapped model.
+        path: the directory to write. An existing peftcore adapter directory is replaced
+            atomically; any other existing non-empty directory or file is an error.
+        name: which adapter; optional when the model holds one adapter or one active adapter.
+
+    Returns:
+        The directory's path.
+
+    Raises:
+        AdapterStateError: not wrapped, or several adapters and no ``name``.
+        CheckpointError: ``path`` holds something else.
+    """
+    from peftcore import __version__
+    from safetensors.torch import save_file
+
+    state = lifecycle.get_state(model)
+    name = _pick_adapter(state, name)
+    record = state.adapters[name]
+    method = registry.get_method(record.method)
+    target = Path(path)
+    _check_destination(target)
+
+    adapter_tensors = method.adapter_state(model, name)
+    extra = _trainable_tensors(model, state, record)
+    clash = sorted(set(adapter_tensors) & set(extra))
+    if clash:
+        raise CheckpointError(f"adapter and trainable= module tensors share the key {clash[0]!r}")
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in {**adapter_tensors, **extra}.items()}
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adapter_tensors.values()})
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": record.method,
+        "name": name,
+        "options": _config_json(record.config),
+        "targets": record.targets,
+        "trainable": record.trainable,
+        "trainable_keys": sorted(extra),
+        "provider": record.provider,
+        "peftcore_version": __version__,
+        "torch_version": torch.__version__,
+        "base_model": {
+            "class": _model_class(model),
+            "name_or_path": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
+        },
+        "dtype": dtypes,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "method": record.method})
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        for file in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    try:
+        with open(path / CONFIG_FILE, encoding="utf-8") as fh:
+            return json.load(fh).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_destination(target: Path) -> None:
+    if target.is_file() or (target.exists() and not target.is_dir()):
+        raise CheckpointError(f"cannot save an adapter to {str(target)!r}: it is a file; pass a directory path")
+    if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
+        raise CheckpointError(
+            f"{str(target)!r} exists and is not a peftcore adapter directory; peftcore will not overwrite "
+            "it. Pass a new or empty directory"
+        )
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.rmdir(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter directory, checked for format.
+
+    Raises:
+        CheckpointError: the directory or file is missing, unreadable, or not a peftcore adapter.
+    """
+    directory = Path(path)
+    file = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"no adapter directory at {str(directory)!r}")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{str(directory)!r} has no {CONFIG_FILE}; is it an adapter saved by peftcore.save?") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{str(file)!r} is not a peftcore adapter config (format {FORMAT!r} expected)")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(file)!r} has format version {config['format_version']}, newer than this peftcore reads "
+            f"({FORMAT_VERSION}); upgrade peftcore"
+        )
+    for key in ("method", "name", "options", "targets"):
+        if key not in config:
+            raise CheckpointError(f"{str(file)!r} lacks the field {key!r}")
+    return config
+
+
+def _method_for(config: dict[str, Any], file: Path) -> Any:
+    method_name = config["method"]
+    try:
+        return registry.get_method(method_name)
+    except PluginError as exc:
+        provider = config.get("provider") or {}
+        dist, version = provider.get("distribution"), provider.get("version")
+        if method_name not in registry.METHODS and dist and dist != "peftcore":
+            raise CheckpointError(
+                f"the adapter in {str(file.parent)!r} was made by method {method_name!r} from the plugin "
+                f"distribution {dist} {version}, which is not installed; install it (pip install {dist}) and load again"
+            ) from exc
+        raise CheckpointError(f"cannot load the adapter in {str(file.parent)!r}: {exc}") from exc
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
+    """Attaches a saved adapter to a plain or already wrapped model; returns the same model object.
+
+    The loaded adapter becomes the only active one. Method, targets and every tensor's key
+    and shape are checked before the model counts as changed; on any mismatch the model is
+    left exactly as it was.
+
+    Args:
+        model: the base model the adapter was trained on (plain or wrapped).
+        path: a directory written by :func:`save`.
+        name: the adapter's name on this model; default: the name it was saved under.
+
+    Raises:
+        CheckpointError: missing or malformed files, a method that is not installed, or
+            targets/tensors that do not fit the model (the first mismatches are named).
+        AdapterStateError: the name is already taken on this model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    lifecycle._check_model(model)
+    directory = Path(path)
+    config = read_config(directory)
+    method = _method_for(config, directory / CONFIG_FILE)
+    name = name if name is not None else config["name"]
+    lifecycle._check_name(name)
+    state = lifecycle.get_state(model, required=False)
+    if state is not None and name in state.adapters:
+        raise AdapterStateError(
+            f"the model already has an adapter named {name!r}; load this one under another name: "
+            f"peftcore.load(model, path, name='other')"
+        )
+    try:
+        options = method.config_class(**config["options"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the options in {str(directory / CONFIG_FILE)!r} are not valid for {method.name}: {exc}") from exc
+    try:
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{str(directory)!r} has no {WEIGHTS_FILE}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {str(directory / WEIGHTS_FILE)!r}: {exc}") from exc
+
+    targets, trainable = list(config["targets"]), list(config.get("trainable", []))
+    modules = dict(targeting.iter_modules(model))
+    missing = [p for p in targets + trainable if p not in modules]
+    if missing:
+        raise CheckpointError(
+            f"the adapter in {str(directory)!r} targets modules this {type(model).__name__} lacks: "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (saved from {config.get('base_model', {}).get('class')})"
+        )
+    trainable_keys = set(config.get("trainable_keys", []))
+    adapter_tensors = {k: v for k, v in tensors.items() if k not in trainable_keys}
+    extra = {k: v for k, v in tensors.items() if k in trainable_keys}
+    try:
+        method.check_targets(model, options, targets)
+    except PeftcoreError as exc:
+        raise CheckpointError(f"the adapter in {str(directory)!r} does not fit this model: {exc}") from exc
+    with lifecycle.transaction(model):
+        lifecycle.attach(model, method, name, options, targets, trainable)
+        try:
+            method.load_adapter_state(model, name, adapter_tensors)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (loading {str(directory)!r})") from exc
+        _load_trainable(model, trainable, extra, directory)
+    return model
+
+
+def _load_trainable(model: nn.Module, paths: list[str], tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    own: dict[str, torch.Tensor] = {}
+    for path in paths:
+        own.update(targeting.get_module(model, path).state_dict(prefix=f"{path}.", keep_vars=True))
+    problems = [f"unexpected {k}" for k in tensors if k not in own]
+    problems += [f"{k}: saved shape {tuple(v.shape)}, model has {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"the trainable-module weights in {str(directory)!r} do not fit the model: {'; '.join(problems[:5])}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))

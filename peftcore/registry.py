@@ -1,0 +1,174 @@
+"""The registries of methods, layer handlers and kernels.
+
+Each is fed by its entry-point group (see :mod:`peftcore.plugin`) and by ``register_*`` calls
+from code. peftcore's built-in LoRA comes in through the ``peftcore.methods`` group exactly as a
+third-party method does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from peftcore.errors import PluginError
+from peftcore.plugin import Entry, Registry
+
+_METHOD_ATTRS = ("name", "config_class", "resolve_targets", "check_targets", "attach", "detach",
+                 "adapter_parameters", "adapter_state", "load_adapter_state", "set_active",
+                 "set_enabled", "merge", "unmerge")
+_HANDLER_ATTRS = ("method", "matches", "wrap")
+_KERNEL_ATTRS = ("op", "backend", "available")
+
+
+def _instance(obj: Any) -> Any:
+    return obj() if isinstance(obj, type) else obj
+
+
+def _check_attrs(obj: Any, attrs: tuple[str, ...], what: str, entry: Entry) -> None:
+    missing = [a for a in attrs if not hasattr(obj, a)]
+    if missing:
+        raise PluginError(
+            f"the {what} {entry.describe()} lacks {', '.join(missing)}; see docs/plugins.md for "
+            f"what a {what} must provide"
+        )
+
+
+def _validate_method(obj: Any, entry: Entry) -> Any:
+    method = _instance(obj)
+    _check_attrs(method, _METHOD_ATTRS, "method", entry)
+    if method.name != entry.name:
+        raise PluginError(f"the method {entry.describe()} calls itself {method.name!r}; the names must agree")
+    return method
+
+
+def _validate_handler(obj: Any, entry: Entry) -> Any:
+    handler = _instance(obj)
+    _check_attrs(handler, _HANDLER_ATTRS, "layer handler", entry)
+    prefix = entry.name.split(".", 1)[0]
+    if "." not in entry.name or handler.method != prefix:
+        raise PluginError(
+            f"the layer handler {entry.describe()} must be named '<method>.<handler>' with "
+            f"<method> = its method ({handler.method!r})"
+        )
+    return handler
+
+
+def _validate_kernel(obj: Any, entry: Entry) -> Any:
+    kernel = _instance(obj)
+    _check_attrs(kernel, _KERNEL_ATTRS, "kernel", entry)
+    if entry.name != f"{kernel.op}.{kernel.backend}":
+        raise PluginError(
+            f"the kernel {entry.describe()} must be named '{kernel.op}.{kernel.backend}' (<op>.<backend>)"
+        )
+    return kernel
+
+
+METHODS = Registry("peftcore.methods", "method", _validate_method)
+LAYERS = Registry("peftcore.layers", "layer", _validate_handler)
+KERNELS = Registry("peftcore.kernels", "kernel", _validate_kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginInfo:
+    """One registered name, described without importing it.
+
+    Attributes:
+        name: the registered name.
+        distribution: the distribution that provides it (``None`` when registered in code).
+        version: the distribution's version.
+        value: the entry point's ``module:attribute``.
+        claimed_by: every distribution claiming the name, when more than one does.
+    """
+
+    name: str
+    distribution: str | None
+    version: str | None
+    value: str | None
+    claimed_by: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        source = f"{self.distribution} {self.version}" if self.distribution else "registered in code"
+        conflict = f"  [conflict: {', '.join(self.claimed_by)}]" if self.claimed_by else ""
+        return f"{self.name:<16} {source}{conflict}"
+
+
+class Catalog(dict):
+    """A name -> :class:`PluginInfo` mapping that prints as a table."""
+
+    def __str__(self) -> str:
+        return "\n".join(str(info) for info in self.values()) or "(none)"
+
+
+def _catalog(registry: Registry) -> Catalog:
+    catalog = Catalog()
+    for name in registry.names():
+        if name in registry._code:
+            catalog[name] = PluginInfo(name, None, None, None)
+            continue
+        candidates = registry._candidates()[name]
+        first = candidates[0]
+        claims = tuple(f"{e.distribution} {e.version}" for e in candidates) if len(candidates) > 1 else ()
+        catalog[name] = PluginInfo(name, first.distribution, first.version, first.value, claims)
+    return catalog
+
+
+def methods() -> Catalog:
+    """The available methods: name -> distribution and version. Imports no plugin."""
+    return _catalog(METHODS)
+
+
+def get_method(name: str) -> Any:
+    """The method object registered as ``name`` (imports its plugin on first use).
+
+    Raises:
+        PluginError: unknown name, conflicting distributions, or a plugin that fails to load.
+    """
+    if not isinstance(name, str):
+        raise PluginError(f"a method is named by a string such as 'lora', got {name!r}")
+    return METHODS.get(name)
+
+
+def method_provider(name: str) -> dict[str, str | None]:
+    """The distribution and version that provide method ``name`` (recorded in saved adapters)."""
+    entry = METHODS.entry(name)
+    return {"distribution": entry.distribution, "version": entry.version}
+
+
+def layer_handlers(method: str) -> list[Any]:
+    """The layer handlers of a method, highest priority first; code registrations before plugins."""
+    loaded = list(LAYERS.load_all(prefix=f"{method}."))
+
+    def rank(item: tuple[Entry, Any]) -> tuple[int, int, int]:
+        entry, handler = item
+        origin = 0 if entry.distribution is None else (2 if entry.builtin else 1)
+        return (-getattr(handler, "priority", 0), origin, 0)
+
+    return [handler for _, handler in sorted(loaded, key=rank)]
+
+
+def register_method(method: Any, *, replace: bool = False) -> Any:
+    """Registers a method object (or class) from code, e.g. in a notebook or a test.
+
+    Args:
+        method: an object following :class:`peftcore.tuners.base.Method`, or its class.
+        replace: replace a method registered in code under the same name.
+
+    Returns:
+        The registered method object.
+    """
+    method = _instance(method)
+    name = getattr(method, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{method!r} has no 'name'; a method needs a name such as 'my_method'")
+    return METHODS.register(name, method, replace=replace)
+
+
+def register_layer(name: str, handler: Any, *, replace: bool = False) -> Any:
+    """Registers a layer handler from code under ``'<method>.<handler>'``, e.g. ``'lora.qlinear'``."""
+    return LAYERS.register(name, handler, replace=replace)
+
+
+def register_kernel(kernel: Any, *, replace: bool = False) -> Any:
+    """Registers a kernel (an object with ``op``, ``backend``, ``available``...) from code."""
+    kernel = _instance(kernel)
+    return KERNELS.register(f"{kernel.op}.{kernel.backend}", kernel, replace=replace)

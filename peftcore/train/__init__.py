@@ -1,0 +1,1 @@
+"""Fine-tuning helpers: data, the training loop, metrics, and the ``peftcore finetune`` job."""

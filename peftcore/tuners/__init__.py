@@ -1,0 +1,1 @@
+"""Adapter methods (tuners). Each is found through the registry (``peftcore.methods`` entry points)."""

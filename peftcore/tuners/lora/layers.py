@@ -1,0 +1,363 @@
+"""LoRA adapter layers and the handlers that attach them.
+
+One layer class per kind of original module; each keeps the original as ``base_layer`` and
+holds named adapters as ``lora_A[name]`` / ``lora_B[name]``. Shapes follow HF PEFT, so that a
+saved adapter converts by renaming keys:
+
+=================  ======================  =======================
+original           ``lora_A``              ``lora_B``
+=================  ======================  =======================
+Linear (out, in)   (r, in)                 (out, r)
+HF Conv1D (in, out)  (r, in)               (out, r)
+Embedding (n, d)   (r, n)                  (d, r)
+ConvNd (out, in, *k)  (r, in, *k)          (out, r, 1, ...)
+=================  ======================  =======================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.errors import AdapterStateError, ConfigError
+from peftcore.tuners.base import AdapterLayer
+from peftcore.tuners.lora.config import LoraConfig
+from peftcore.ops import philox
+from peftcore.ops.lora import lora_linear, new_seed
+
+
+class _TensorStore(nn.Module):
+    """Named tensors as buffers (``persistent`` chooses whether they are in the state dict)."""
+
+    def __init__(self, persistent: bool):
+        super().__init__()
+        self.persistent = persistent
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor, persistent=self.persistent)
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self._buffers.get(name)
+
+    def drop(self, name: str) -> None:
+        self._buffers.pop(name, None)
+        self._non_persistent_buffers_set.discard(name)
+
+
+class LoraLayer(AdapterLayer):
+    """Common part of the LoRA layers: adapter bookkeeping, init, merge.
+
+    Subclasses define the factor shapes, how the delta folds into the base weight, and forward.
+    """
+
+    method = "lora"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_config: dict[str, LoraConfig] = {}
+
+    # PiSSA only, created on first use: the initial factors ``lora_init_A/B`` (saved, so a fresh
+    # base can be turned into the same residual) and the untouched base weight
+    # ``lora_pissa_base`` (not saved; restores the base exactly on removal).
+    _STORES = {"lora_init_A": True, "lora_init_B": True, "lora_pissa_base": False}
+
+    def _store(self, key: str, create: bool = False) -> _TensorStore | None:
+        store = self._modules.get(key)
+        if store is None and create:
+            store = _TensorStore(persistent=self._STORES[key])
+            self.add_module(key, store)
+        return store
+
+    def _stored(self, key: str, name: str) -> torch.Tensor | None:
+        store = self._store(key)
+        return None if store is None else store.get(name)
+
+    # -- shapes and weights, per kind ------------------------------------------------------------
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight in ``(out, in, ...)`` layout (a view for transposed storage)."""
+        return self.base_layer.weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` in :meth:`base_weight` layout, in float32 (for merging)."""
+        cfg = self.lora_config[name]
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        return cfg.scale * (B @ A)
+
+    # -- adapters --------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, config: Any) -> None:
+        if name in self.lora_A:
+            raise AdapterStateError(f"this layer already holds a LoRA adapter named {name!r}")
+        weight = self.base_layer.weight
+        a_shape, b_shape = self.factor_shapes(config.rank)
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        A = torch.empty(a_shape, **factory)
+        B = torch.empty(b_shape, **factory)
+        if config.init == "pissa":
+            self._init_pissa(name, config, A, B)
+        else:
+            self._init_factors(config, A, B)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_config[name] = config
+
+    def _init_factors(self, config: LoraConfig, A: torch.Tensor, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            if config.init == "gaussian":
+                nn.init.normal_(A, std=1.0 / config.rank)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def _init_pissa(self, name: str, config: LoraConfig, A: torch.Tensor, B: torch.Tensor) -> None:
+        if any(self.lora_config[n].init == "pissa" for n in self.lora_config):
+            raise ConfigError("a layer holds at most one init='pissa' adapter; use another init for the second")
+        weight = self.base_weight()
+        W = weight.detach().float().reshape(weight.shape[0], -1)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        r = config.rank
+        if r > S.numel():
+            raise ConfigError(f"init='pissa' needs rank <= min(out, in) = {S.numel()}, got rank {r}")
+        root = torch.sqrt(S[:r] / config.scale)
+        with torch.no_grad():
+            A.copy_((root[:, None] * Vh[:r]).reshape(A.shape))
+            B.copy_((U[:, :r] * root[None, :]).reshape(B.shape))
+        self._store("lora_init_A", create=True).put(name, A.detach().clone())
+        self._store("lora_init_B", create=True).put(name, B.detach().clone())
+        self._store("lora_pissa_base", create=True).put(name, self.base_layer.weight.data)
+        self._apply_pissa_residual(name, config)
+
+    def _apply_pissa_residual(self, name: str, config: LoraConfig) -> None:
+        # Rebind (never write in place) so the original tensor stays intact for unwrap/rollback.
+        original = self._stored("lora_pissa_base", name)
+        A0, B0 = self._stored("lora_init_A", name), self._stored("lora_init_B", name)
+        delta = config.scale * (B0.float().reshape(B0.shape[0], -1) @ A0.float().reshape(A0.shape[0], -1))
+        residual = self._from_out_in(original.float() if not self._transposed else original.float().t(), delta)
+        self.base_layer.weight.data = residual.to(original.dtype).contiguous()
+
+    _transposed = False
+
+    def _from_out_in(self, weight_out_in: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        result = weight_out_in - delta.reshape(weight_out_in.shape)
+        return result.t() if self._transposed else result
+
+    def after_load(self, name: str) -> None:
+        """Re-derives the PiSSA residual from the loaded initial factors (exact, from the original weight)."""
+        if self.lora_config[name].init == "pissa":
+            self._apply_pissa_residual(name, self.lora_config[name])
+
+    def remove_adapter(self, name: str) -> None:
+        original = self._stored("lora_pissa_base", name)
+        if name in self.merged_adapters:
+            self.merged_adapters.remove(name)  # its delta stays folded into the base weight
+        elif original is not None:
+            self.base_layer.weight.data = original
+        for key in self._STORES:
+            store = self._store(key)
+            if store is not None:
+                store.drop(name)
+                if not store._buffers:
+                    delattr(self, key)
+        del self.lora_A[name]
+        del self.lora_B[name]
+        del self.lora_config[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        tensors = {"lora_A": self.lora_A[name], "lora_B": self.lora_B[name]}
+        if self._stored("lora_init_A", name) is not None:
+            tensors["lora_init_A"] = self._stored("lora_init_A", name)
+            tensors["lora_init_B"] = self._stored("lora_init_B", name)
+        return tensors
+
+    # -- merge -----------------------------------------------------------------------------------
+    def _fold(self, name: str, sign: float) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            delta = self.delta_weight(name).to(weight.dtype)
+            if self._transposed:
+                delta = delta.t()
+            weight.add_(delta.reshape(weight.shape), alpha=sign)
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        self._fold(name, 1.0)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        self._fold(name, -1.0)
+        self.merged_adapters.remove(name)
+
+    # -- forward helpers ---------------------------------------------------------------------------
+    def _dropout(self, x: torch.Tensor, cfg: LoraConfig) -> torch.Tensor:
+        if not self.training or cfg.dropout == 0.0:
+            return x
+        keep = philox.keep_mask(new_seed(), x.shape, cfg.dropout, x.device)
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - cfg.dropout))
+
+    def extra_repr(self) -> str:
+        ranks = {n: c.rank for n, c in self.lora_config.items()}
+        return f"ranks={ranks}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear``: ``y = base(x) + scale * dropout(x) A^T B^T`` through :func:`lora_linear`."""
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_features, in_features = self.base_weight().shape
+        return (rank, in_features), (out_features, rank)
+
+    def _weight_for_op(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running = self.running_adapters()
+        if not running:
+            return self.base_layer(x)
+        first, *rest = running
+        cfg = self.lora_config[first]
+        p = cfg.dropout if self.training else 0.0
+        y = lora_linear(
+            x, self._weight_for_op(), self.base_layer.bias, self.lora_A[first], self.lora_B[first],
+            cfg.scale, p, new_seed() if p > 0.0 else 0, backend=cfg.backend,
+        )
+        for name in rest:
+            cfg = self.lora_config[name]
+            h = F.linear(self._dropout(x, cfg), self.lora_A[name])  # (*, r)
+            y = y + cfg.scale * F.linear(h, self.lora_B[name])
+        return y
+
+
+class LoraHFConv1D(LoraLinear):
+    """LoRA on transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``."""
+
+    _transposed = True
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.t()
+
+    def _weight_for_op(self) -> torch.Tensor:
+        return self.base_layer.weight.t()
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: ``y = base(ids) + scale * A^T[ids] B^T`` (no dropout on ids).
+
+    ``A`` starts at zero and ``B`` Gaussian, so the delta is zero at init as for linear layers.
+    """
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = self.base_layer.weight.shape
+        return (rank, num), (dim, rank)
+
+    def _init_factors(self, config: LoraConfig, A: torch.Tensor, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            nn.init.zeros_(A)
+            nn.init.normal_(B, std=1.0 if config.init == "default" else 1.0 / config.rank)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        cfg = self.lora_config[name]
+        return cfg.scale * (self.lora_B[name].float() @ self.lora_A[name].float()).t()  # (num, dim)
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(ids)
+        for name in self.running_adapters():
+            cfg = self.lora_config[name]
+            h = self._embed(ids, self.lora_A[name].t())  # (*, r)
+            y = y + cfg.scale * F.linear(h, self.lora_B[name])
+        return y
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base's kernel, B a 1x1 conv."""
+
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        out_ch, in_ch, *kernel = self.base_layer.weight.shape
+        return (rank, in_ch, *kernel), (out_ch, rank, *([1] * len(kernel)))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        cfg = self.lora_config[name]
+        A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        return cfg.scale * (B.flatten(1) @ A.flatten(1)).reshape(self.base_layer.weight.shape)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, stride: Any, padding: Any, dilation: Any) -> torch.Tensor:
+        fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
+        return fn(x, weight, None, stride, padding, dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        base = self.base_layer
+        for name in self.running_adapters():
+            cfg = self.lora_config[name]
+            h = self._conv(self._dropout(x, cfg), self.lora_A[name], base.stride, base.padding, base.dilation)
+            y = y + cfg.scale * self._conv(h, self.lora_B[name], 1, 0, 1)
+        return y
+
+
+def _plain_subclass(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls.forward`` (not a quantized or custom variant)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # MultiheadAttention reads out_proj.weight directly and never calls its forward.
+    return _plain_subclass(module, nn.Linear) and type(module).__name__ != "NonDynamicallyQuantizableLinear"
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def _is_conv(module: nn.Module) -> bool:
+    if not any(_plain_subclass(module, c) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return False
+    return module.groups == 1 and module.padding_mode == "zeros"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraHandler:
+    """Attaches LoRA to one kind of module (entry-point group ``peftcore.layers``)."""
+
+    kind: str
+    predicate: Callable[[nn.Module], bool]
+    layer_class: type
+    linear_like: bool = False
+    priority: int = 0
+    method: str = "lora"
+    peftcore_api: int = 1
+
+    def matches(self, module: nn.Module) -> bool:
+        return self.predicate(module)
+
+    def wrap(self, module: nn.Module) -> LoraLayer:
+        return self.layer_class(module)
+
+    def describe(self) -> str:
+        return self.kind
+
+
+LINEAR = LoraHandler("torch.nn.Linear", _is_linear, LoraLinear, linear_like=True)
+HF_CONV1D = LoraHandler("transformers Conv1D", _is_hf_conv1d, LoraHFConv1D, linear_like=True)
+EMBEDDING = LoraHandler("torch.nn.Embedding", lambda m: _plain_subclass(m, nn.Embedding), LoraEmbedding)
+CONV1D = LoraHandler("torch.nn.Conv1d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv1d), LoraConv)
+CONV2D = LoraHandler("torch.nn.Conv2d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv2d), LoraConv)
+CONV3D = LoraHandler("torch.nn.Conv3d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv3d), LoraConv)

@@ -1,0 +1,119 @@
+"""The registries: built-ins through entry points, code registration, conflicts, broken plugins."""
+
+import importlib.metadata as metadata
+
+import pytest
+
+import peftcore
+from peftcore import plugin, registry
+from peftcore._entry_points import ENTRY_POINTS
+from peftcore.errors import PluginError
+
+
+def test_builtin_lora_comes_through_the_methods_group():
+    info = peftcore.methods()["lora"]
+    assert info.distribution == "peftcore" and info.version == peftcore.__version__
+    assert info.value == "peftcore.tuners.lora.method:LoraMethod"
+    assert "lora" in str(peftcore.methods())
+
+
+def test_installed_metadata_declares_the_builtins():
+    dist = metadata.distribution("peftcore")
+    declared = {(ep.group, f"{ep.name} = {ep.value}") for ep in dist.entry_points}
+    for group, specs in ENTRY_POINTS.items():
+        for spec in specs:
+            assert (group, spec) in declared, f"setup.py metadata lacks {spec} in {group}; reinstall peftcore"
+
+
+def test_layer_handlers_for_lora():
+    kinds = {h.kind for h in registry.layer_handlers("lora")}
+    assert {"torch.nn.Linear", "transformers Conv1D", "torch.nn.Embedding"} <= kinds
+
+
+class _Fake:
+    def __init__(self, name="fake_method"):
+        self.name = name
+        self.config_class = dict
+        self.merges = False
+        self.identity_at_init = True
+        for attr in ("resolve_targets", "check_targets", "attach", "detach", "adapter_parameters", "adapter_state",
+                     "load_adapter_state", "set_active", "set_enabled", "merge", "unmerge"):
+            setattr(self, attr, lambda *a, **k: None)
+
+
+def test_register_method_in_code_and_replace():
+    fake = _Fake()
+    try:
+        peftcore.register_method(fake)
+        assert peftcore.methods()["fake_method"].distribution is None
+        assert registry.get_method("fake_method") is fake
+        with pytest.raises(PluginError, match="already registered in code; pass replace=True"):
+            peftcore.register_method(_Fake())
+        other = peftcore.register_method(_Fake(), replace=True)
+        assert registry.get_method("fake_method") is other
+    finally:
+        registry.METHODS.unregister("fake_method")
+    assert "fake_method" not in peftcore.methods()
+
+
+def test_method_missing_attributes_is_rejected():
+    class Incomplete:
+        name = "incomplete"
+
+    with pytest.raises(PluginError, match="lacks config_class"):
+        peftcore.register_method(Incomplete())
+
+
+def _entry(name, dist, value="json:loads", version="1.0"):
+    return plugin.Entry("peftcore.methods", name, value, dist, version)
+
+
+def test_conflicting_distributions_need_a_choice(monkeypatch):
+    reg = plugin.Registry("peftcore.methods", "method")
+    reg._discovered = {"dup": [_entry("dup", "dist-a"), _entry("dup", "dist-b", version="2.0")]}
+    with pytest.raises(PluginError, match="claimed by dist-a 1.0 and dist-b 2.0.*PEFTCORE_PREFER"):
+        reg.entry("dup")
+    monkeypatch.setenv("PEFTCORE_PREFER", "dup=dist-b")
+    assert reg.entry("dup").distribution == "dist-b"
+    monkeypatch.delenv("PEFTCORE_PREFER")
+    reg._resolved.clear()
+    try:
+        plugin.prefer("dup", "dist-a")
+        assert reg.entry("dup").distribution == "dist-a"
+    finally:
+        plugin._preferences.clear()
+
+
+def test_broken_plugin_raises_on_use_and_warns_otherwise():
+    reg = plugin.Registry("peftcore.layers", "layer")
+    reg._discovered = {"lora.broken": [plugin.Entry("peftcore.layers", "lora.broken", "no_such_module_xyz:thing", "broken-dist", "0.1")]}
+    with pytest.raises(PluginError, match="broken-dist 0.1 failed to import") as info:
+        reg.get("lora.broken")
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    with pytest.warns(RuntimeWarning, match="skipping layer 'lora.broken'"):
+        assert list(reg.load_all("lora.")) == []
+
+
+def test_api_version_mismatch_names_both_versions():
+    class Old:
+        peftcore_api = 0
+
+    entry = _entry("old", "old-dist", version="0.3")
+    with pytest.raises(PluginError, match="old-dist 0.3.*built for peftcore plugin API version \\[0\\].*supports \\[1\\]"):
+        plugin.check_api_version(Old(), entry)
+    with pytest.raises(PluginError, match="does not declare"):
+        plugin.check_api_version(object(), entry)
+    plugin.check_api_version(object(), _entry("b", "peftcore"))  # built-ins need no declaration
+
+
+def test_disable_plugins_keeps_builtins(monkeypatch):
+    monkeypatch.setenv("PEFTCORE_DISABLE_PLUGINS", "1")
+    entries = plugin.discover("peftcore.methods")
+    assert entries and all(e.builtin for e in entries)
+    assert "lora" in {e.name for e in entries}
+
+
+def test_malformed_prefer_variable(monkeypatch):
+    monkeypatch.setenv("PEFTCORE_PREFER", "nonsense")
+    with pytest.raises(PluginError, match="malformed item 'nonsense'"):
+        plugin._env_preferences()
