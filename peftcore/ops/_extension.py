@@ -1,0 +1,26 @@
+"""Loading the compiled extension ``peftcore._C`` (C++ ops, CUDA when built with it)."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> tuple[bool, str]:
+    """Imports ``peftcore._C`` once, registering its ops; returns (loaded, reason if not)."""
+    try:
+        import peftcore._C  # noqa: F401  (import registers torch.ops.peftcore.*)
+    except ImportError as exc:
+        return False, (
+            f"the C++ extension peftcore._C is not built ({exc}); build it with "
+            "'pip install --no-build-isolation -e .' (torch must be installed first)"
+        )
+    return True, ""
+
+
+def has_cuda() -> bool:
+    """Whether the extension was built with its CUDA kernels."""
+    import torch
+
+    ok, _ = load()
+    return ok and torch._C._dispatch_has_kernel_for_dispatch_key("peftcore::lora_linear", "CUDA")
