@@ -212,9 +212,12 @@ def _method_for(config: dict[str, Any], file: Path) -> Any:
         provider = config.get("provider") or {}
         dist, version = provider.get("distribution"), provider.get("version")
         if method_name not in registry.METHODS and dist and dist != "peftcore":
+            from peftcore.plugin import plugins_disabled
+
+            disabled = " (or PEFTCORE_DISABLE_PLUGINS is set: unset it)" if plugins_disabled() else ""
             raise CheckpointError(
                 f"the adapter in {str(file.parent)!r} was made by method {method_name!r} from the plugin "
-                f"distribution {dist} {version}, which is not installed; install it (pip install {dist}) and load again"
+                f"distribution {dist} {version}, which is not installed{disabled}; install it (pip install {dist}) and load again"
             ) from exc
         raise CheckpointError(f"cannot load the adapter in {str(file.parent)!r}: {exc}") from exc
 

@@ -15,19 +15,30 @@ first time the entry is used.
 
 Settings:
 
-* ``PEFTCORE_DISABLE_PLUGINS=1``: only peftcore's own entries are used.
+* ``PEFTCORE_DISABLE_PLUGINS=1``: only peftcore's own entries (and objects registered in code)
+  are used. Read on every lookup, so it can be changed at run time.
 * ``PEFTCORE_PREFER="lora=dist-a,lora_linear.cpp=dist-b"`` or :func:`prefer`: which
   distribution wins when two claim the same entry name.
+
+Failures: a name claimed by two distributions is a :class:`PluginConflictError` wherever it is
+used, until one is preferred. A plugin that fails to import, is built for another plugin API, or
+is not a valid method/handler/kernel raises :class:`peftcore.PluginError` (naming its
+distribution, the original exception chained) when asked for by name; where peftcore merely
+enumerates entries (layer handlers of a method, kernels of an op) it is skipped with one
+``RuntimeWarning`` and the rest keeps working. A distribution whose entry-point metadata cannot
+be read is skipped with a warning as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata as metadata
 import os
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Iterator
 
 from peftcore.errors import PluginError
@@ -42,21 +53,42 @@ GROUPS = ("peftcore.methods", "peftcore.layers", "peftcore.kernels")
 BUILTIN_DISTRIBUTION = "peftcore"
 
 _preferences: dict[tuple[str | None, str], str] = {}
-_REGISTRIES: dict[str, "Registry"] = {}
+_REGISTRIES: "weakref.WeakSet[Registry]" = weakref.WeakSet()
 
 
-def prefer(name: str, distribution: str, group: str | None = None) -> None:
+class PluginConflictError(PluginError):
+    """Several distributions claim one entry name and the user has not chosen one."""
+
+
+def prefer(name: str, distribution: str | None, group: str | None = None) -> None:
     """Chooses which distribution provides ``name`` when several claim it.
+
+    Takes precedence over ``PEFTCORE_PREFER``.
 
     Args:
         name: the entry name, e.g. ``"lora"`` or ``"lora_linear.cpp"``.
-        distribution: the distribution (pip package) whose entry wins.
+        distribution: the distribution (pip package) whose entry wins; ``None`` forgets an
+            earlier choice.
         group: restrict the choice to one group; ``None`` applies it to every group.
     """
-    _preferences[(group, name)] = distribution
-    for registry in _REGISTRIES.values():
-        registry._resolved.pop(name, None)
-        registry.generation += 1
+    if distribution is None:
+        _preferences.pop((group, name), None)
+    elif not isinstance(distribution, str) or not distribution.strip():
+        raise PluginError(f"prefer({name!r}, ...) needs a distribution name such as 'peftcore-ia3', got {distribution!r}")
+    else:
+        _preferences[(group, name)] = distribution.strip()
+    for registry in list(_REGISTRIES):
+        registry._forget(name)
+
+
+def refresh() -> None:
+    """Forgets what every registry discovered, so distributions installed (or removed) since are seen.
+
+    Needed only when the set of installed distributions changes while Python runs (e.g.
+    ``pip install`` from a notebook); discovery otherwise happens once, on first use.
+    """
+    for registry in list(_REGISTRIES):
+        registry.refresh()
 
 
 def plugins_disabled() -> bool:
@@ -101,6 +133,9 @@ class Entry:
     version: str | None
     obj: Any = dataclasses.field(default=None, repr=False)
     loaded: bool = dataclasses.field(default=False, repr=False)
+    #: the error of the first failed load, raised again on later loads (no repeated imports)
+    error: PluginError | None = dataclasses.field(default=None, repr=False)
+    warned: bool = dataclasses.field(default=False, repr=False)
 
     @property
     def builtin(self) -> bool:
@@ -112,15 +147,43 @@ class Entry:
         return f"{self.name!r} from distribution {self.distribution} {self.version}"
 
     def load(self, validate: Callable[[Any, "Entry"], Any] | None = None) -> Any:
-        """Imports the entry (once), checks its API version and returns the object."""
+        """Imports the entry (once), checks its API version and returns the object.
+
+        Raises:
+            PluginError: the import fails (original exception chained), the object declares an
+                unsupported ``peftcore_api``, or ``validate`` rejects it. The same error is
+                raised again on later calls, without importing again.
+        """
         if self.loaded:
             return self.obj
+        if self.error is not None:
+            raise self.error
+        try:
+            obj = self._import()
+            check_api_version(obj, self)
+            if validate is not None:
+                try:
+                    obj = validate(obj, self)
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"the {self.group} plugin {self.describe()} ({self.value}) could not be set up: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+        except PluginError as exc:
+            self.error = exc
+            raise
+        self.obj, self.loaded = obj, True
+        return obj
+
+    def _import(self) -> Any:
         if self.value is None:
             raise PluginError(f"{self.describe()} has nothing to load")
         module_name, _, attr = self.value.partition(":")
         try:
-            obj = importlib.import_module(module_name)
-            for part in filter(None, attr.split(".")):
+            obj = importlib.import_module(module_name.strip())
+            for part in filter(None, attr.strip().split(".")):
                 obj = getattr(obj, part)
         except Exception as exc:
             raise PluginError(
@@ -128,15 +191,15 @@ class Entry:
                 f"{type(exc).__name__}: {exc}. Reinstall or upgrade {self.distribution}, or set "
                 "PEFTCORE_DISABLE_PLUGINS=1 to run without third-party plugins"
             ) from exc
-        check_api_version(obj, self)
-        if validate is not None:
-            obj = validate(obj, self)
-        self.obj, self.loaded = obj, True
         return obj
 
 
 def check_api_version(obj: Any, entry: Entry) -> None:
-    """Raises :class:`PluginError` if ``obj`` was built for a plugin API this peftcore lacks."""
+    """Raises :class:`PluginError` if ``obj`` was built for a plugin API this peftcore lacks.
+
+    Built-ins and objects registered in code may leave ``peftcore_api`` out; entry points of
+    other distributions must declare it.
+    """
     declared = getattr(obj, "peftcore_api", None)
     if declared is None:
         if entry.builtin or entry.distribution is None:
@@ -146,12 +209,21 @@ def check_api_version(obj: Any, entry: Entry) -> None:
             f"it was built for; its entry object needs a 'peftcore_api = {API_VERSION}' attribute "
             f"(this peftcore supports API versions {sorted(SUPPORTED_API_VERSIONS)})"
         )
-    versions = {declared} if isinstance(declared, int) else set(declared)
+    try:
+        versions = {declared} if isinstance(declared, int) else set(declared)
+    except TypeError:
+        versions = set()
+    if not versions or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+        raise PluginError(
+            f"the {entry.group} plugin {entry.describe()} declares peftcore_api = {declared!r}; it must be "
+            f"an int or a tuple of ints, e.g. peftcore_api = {API_VERSION}"
+        )
     if not versions & SUPPORTED_API_VERSIONS:
+        owner = entry.distribution or "the code that registers it"
         raise PluginError(
             f"the {entry.group} plugin {entry.describe()} was built for peftcore plugin API "
             f"version {sorted(versions)}, but this peftcore supports {sorted(SUPPORTED_API_VERSIONS)} "
-            f"(current: {API_VERSION}); install a release of {entry.distribution} built for "
+            f"(current: {API_VERSION}); install a release of {owner} built for "
             f"API {API_VERSION}, or a peftcore that supports {sorted(versions)}"
         )
 
@@ -167,33 +239,72 @@ def _builtin_entries(group: str) -> list[Entry]:
     return entries
 
 
-def discover(group: str) -> list[Entry]:
-    """Reads the entry points of ``group`` from the installed distributions; imports nothing.
+def _distribution_entries(group: str) -> Iterator[Entry]:
+    """Entry points of ``group`` in every installed distribution (peftcore's own included).
 
-    peftcore's own entries are always present: read from its packaging metadata, and from
-    ``_entry_points.py`` where that metadata is missing or older than the source tree.
+    Like :func:`importlib.metadata.entry_points`, the first distribution of a name on
+    ``sys.path`` hides later ones; unlike it, one distribution with unreadable metadata is
+    skipped with a warning instead of breaking every lookup.
     """
-    entries: list[Entry] = []
-    seen: set[tuple[str, str, str]] = set()
-    for ep in metadata.entry_points(group=group):
-        dist = getattr(ep, "dist", None)
-        dist_name = dist.metadata["Name"] if dist is not None else "unknown"
-        version = dist.version if dist is not None else "unknown"
-        key = (ep.name, _normalise(dist_name), ep.value)
-        if key in seen:  # the same distribution found twice on sys.path
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        try:
+            name = dist.metadata["Name"]
+        except Exception:  # unreadable METADATA
+            name = None
+        where = str(getattr(dist, "_path", "") or "")
+        if not name:
+            if any(True for _ in _safe_entry_points(dist, group, where)):
+                warnings.warn(f"peftcore: skipping the distribution at {where or '?'}: its METADATA has no Name",
+                              RuntimeWarning, stacklevel=4)
+            continue
+        key = _normalise(name)
+        if key in seen:  # a second copy further down sys.path is never imported either
             continue
         seen.add(key)
-        entries.append(Entry(group, ep.name, ep.value, dist_name, version))
-    declared = {(e.name, e.value) for e in entries if _normalise(e.distribution or "") == BUILTIN_DISTRIBUTION}
-    for builtin in _builtin_entries(group):
-        if (builtin.name, builtin.value) not in declared:
-            entries = [e for e in entries if not (e.builtin and e.name == builtin.name)]
-            entries.append(builtin)
-    for entry in entries:
-        if entry.distribution and _normalise(entry.distribution) == BUILTIN_DISTRIBUTION:
-            entry.distribution = BUILTIN_DISTRIBUTION
-    if plugins_disabled():
-        entries = [e for e in entries if e.builtin]
+        if key == BUILTIN_DISTRIBUTION:
+            name = BUILTIN_DISTRIBUTION
+        for ep in _safe_entry_points(dist, group, where, name):
+            yield Entry(group, ep.name, ep.value, name, dist.version)
+
+
+def _safe_entry_points(dist: Any, group: str, where: str, name: str | None = None) -> list[Any]:
+    try:
+        return [ep for ep in dist.entry_points if ep.group == group]
+    except Exception as exc:
+        label = f"{name} {getattr(dist, 'version', '')}".strip() if name else where
+        warnings.warn(
+            f"peftcore: skipping the plugins of distribution {label}: its entry_points.txt cannot be read "
+            f"({type(exc).__name__}: {exc}); reinstall it",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return []
+
+
+def discover(group: str, *, include_disabled: bool = False) -> list[Entry]:
+    """Reads the entry points of ``group`` from the installed distributions; imports nothing.
+
+    peftcore's own entries come through the same entry points as everyone's: from peftcore's
+    packaging metadata. ``_entry_points.py`` (the file ``setup.py`` writes that metadata from)
+    fills in where the metadata is missing (a source tree that was never installed) or older
+    than the code that runs (an editable install whose entry points changed since).
+
+    Args:
+        group: an entry-point group from :data:`GROUPS`.
+        include_disabled: also return third-party entries when ``PEFTCORE_DISABLE_PLUGINS`` is set.
+    """
+    builtin: list[Entry] = []
+    third_party: list[Entry] = []
+    for entry in _distribution_entries(group):
+        (builtin if entry.builtin else third_party).append(entry)
+    declared = {e.name: e for e in builtin}
+    for entry in _builtin_entries(group):
+        if entry.name not in declared or declared[entry.name].value != entry.value:
+            declared[entry.name] = entry
+    entries = list(declared.values())
+    if include_disabled or not plugins_disabled():
+        entries += third_party
     return entries
 
 
@@ -213,26 +324,42 @@ class Registry:
         self._lock = threading.RLock()
         self._discovered: dict[str, list[Entry]] | None = None
         self._code: dict[str, Entry] = {}
-        self._resolved: dict[str, Entry] = {}
-        #: bumped whenever what the registry answers may have changed (for callers' caches)
-        self.generation = 0
-        _REGISTRIES[group] = self
+        self._resolved: dict[tuple[str, bool], Entry] = {}
+        self._generation = 0
+        _REGISTRIES.add(self)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever what the registry answers may have changed, for callers' caches:
+        registrations, :func:`prefer`, :meth:`refresh`, and ``PEFTCORE_DISABLE_PLUGINS``."""
+        return 2 * self._generation + int(plugins_disabled())
 
     def _candidates(self) -> dict[str, list[Entry]]:
+        """Name -> providers, honouring ``PEFTCORE_DISABLE_PLUGINS`` as it is now."""
         with self._lock:
             if self._discovered is None:
                 found: dict[str, list[Entry]] = {}
-                for entry in discover(self.group):
+                for entry in discover(self.group, include_disabled=True):
                     found.setdefault(entry.name, []).append(entry)
                 self._discovered = found
-            return self._discovered
+            found = self._discovered
+        if not plugins_disabled():
+            return found
+        kept = {name: [e for e in entries if e.builtin] for name, entries in found.items()}
+        return {name: entries for name, entries in kept.items() if entries}
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self._resolved if k[0] == name]:
+                del self._resolved[key]
+            self._generation += 1
 
     def refresh(self) -> None:
-        """Forgets what was discovered, so newly installed distributions are seen."""
+        """Forgets what was discovered, so newly installed (or removed) distributions are seen."""
         with self._lock:
             self._discovered = None
             self._resolved.clear()
-            self.generation += 1
+            self._generation += 1
 
     def names(self) -> list[str]:
         return sorted(set(self._candidates()) | set(self._code))
@@ -240,27 +367,33 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._code or name in self._candidates()
 
+    def candidates(self, name: str) -> list[Entry]:
+        """Every entry point claiming ``name`` (objects registered in code excluded)."""
+        return list(self._candidates().get(name, []))
+
     def entry(self, name: str) -> Entry:
         """The one provider of ``name``: registered in code, preferred, or the only one.
 
         Raises:
-            PluginError: if several distributions claim ``name`` and none is preferred,
-                or ``name`` is unknown.
+            PluginConflictError: several distributions claim ``name`` and none is preferred.
+            PluginError: ``name`` is unknown.
         """
         if name in self._code:
             return self._code[name]
-        if name in self._resolved:
-            return self._resolved[name]
+        key = (name, plugins_disabled())
+        if key in self._resolved:
+            return self._resolved[key]
         candidates = self._candidates().get(name, [])
         if not candidates:
             known = ", ".join(self.names()) or "none"
+            hint = " (PEFTCORE_DISABLE_PLUGINS is set, so only peftcore's own entries are used)" if plugins_disabled() else ""
             raise PluginError(
-                f"no {self.what} named {name!r}; available: {known}. A {self.what} from a "
+                f"no {self.what} named {name!r}{hint}; available: {known}. A {self.what} from a "
                 f"plugin appears here once its distribution is installed (entry-point group "
                 f"{self.group!r}), or after peftcore.register_{self.what}(...)"
             )
         chosen = self._choose(name, candidates)
-        self._resolved[name] = chosen
+        self._resolved[key] = chosen
         return chosen
 
     def _choose(self, name: str, candidates: list[Entry]) -> Entry:
@@ -272,20 +405,25 @@ class Registry:
         if wanted is not None:
             match = distributions.get(_normalise(wanted))
             if match is None:
-                raise PluginError(
+                raise PluginConflictError(
                     f"the preferred distribution {wanted!r} for {self.what} {name!r} provides no "
                     f"such entry; candidates: {', '.join(e.describe() for e in candidates)}"
                 )
             return match
         claims = " and ".join(f"{e.distribution} {e.version}" for e in candidates)
-        raise PluginError(
+        raise PluginConflictError(
             f"{self.what} {name!r} (entry-point group {self.group!r}) is claimed by {claims}. "
             f"Choose one with peftcore.plugin.prefer({name!r}, '<distribution>') or the "
             f"environment variable PEFTCORE_PREFER='{name}=<distribution>', or uninstall one"
         )
 
     def get(self, name: str) -> Any:
-        """Loads (once) and returns the object that provides ``name``."""
+        """Loads (once) and returns the object that provides ``name``.
+
+        Raises:
+            PluginError: unknown name, a conflict, or a plugin that fails to load (the
+                distribution is named and the original exception chained).
+        """
         entry = self.entry(name)
         return entry.load(self._validate)
 
@@ -293,7 +431,8 @@ class Registry:
         """Registers ``obj`` under ``name`` from code; it wins over entry points of that name.
 
         Raises:
-            PluginError: if ``name`` is already registered in code and ``replace`` is false.
+            PluginError: ``name`` is already registered in code and ``replace`` is false, the
+                object declares an unsupported ``peftcore_api``, or validation rejects it.
         """
         with self._lock:
             if name in self._code and not replace:
@@ -302,34 +441,57 @@ class Registry:
                     "replace=True to replace it"
                 )
             entry = Entry(self.group, name, None, None, None)
+            check_api_version(obj, entry)
             obj = self._validate(obj, entry) if self._validate else obj
             entry.obj, entry.loaded = obj, True
             self._code[name] = entry
-            self.generation += 1
+            self._generation += 1
             return obj
 
     def unregister(self, name: str) -> None:
         """Removes an object registered in code (entry points are not affected)."""
         with self._lock:
             self._code.pop(name, None)
-            self.generation += 1
+            self._generation += 1
+
+    @contextlib.contextmanager
+    def temporarily(self, name: str, obj: Any) -> Iterator[Any]:
+        """Registers ``obj`` under ``name`` inside the block, then restores what was there.
+
+        Yields:
+            The registered (validated) object.
+        """
+        with self._lock:
+            previous = self._code.get(name)
+            registered = self.register(name, obj, replace=True)
+        try:
+            yield registered
+        finally:
+            with self._lock:
+                if previous is None:
+                    self._code.pop(name, None)
+                else:
+                    self._code[name] = previous
+                self._generation += 1
 
     def load_all(self, prefix: str = "") -> Iterator[tuple[Entry, Any]]:
         """Loads every entry whose name starts with ``prefix``.
 
-        A broken third-party entry is skipped with a warning naming its distribution, so that
-        the rest keeps working; a broken built-in raises.
+        A third-party entry that fails to load is skipped with one warning naming its
+        distribution, so that the rest keeps working; a broken built-in raises, and so does a
+        conflict (the user must choose, see :func:`prefer`).
         """
         for name in self.names():
             if not name.startswith(prefix):
                 continue
+            entry = self.entry(name)  # raises PluginConflictError
             try:
-                entry = self.entry(name)
                 obj = entry.load(self._validate)
             except PluginError as exc:
-                candidates = self._candidates().get(name, [])
-                if any(e.builtin for e in candidates) and len(candidates) == 1:
+                if entry.builtin:
                     raise
-                warnings.warn(f"skipping {self.what} {name!r}: {exc}", RuntimeWarning, stacklevel=3)
+                if not entry.warned:
+                    entry.warned = True
+                    warnings.warn(f"peftcore: skipping {self.what} {name!r}: {exc}", RuntimeWarning, stacklevel=3)
                 continue
             yield entry, obj

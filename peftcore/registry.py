@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from peftcore.errors import PluginError
-from peftcore.plugin import Entry, Registry
+from peftcore.plugin import Entry, PluginConflictError, Registry
 
 _METHOD_ATTRS = ("name", "config_class", "resolve_targets", "check_targets", "attach", "detach",
                  "adapter_parameters", "adapter_state", "load_adapter_state", "set_active",
@@ -105,10 +105,13 @@ def _catalog(registry: Registry) -> Catalog:
         if name in registry._code:
             catalog[name] = PluginInfo(name, None, None, None)
             continue
-        candidates = registry._candidates()[name]
-        first = candidates[0]
+        candidates = registry.candidates(name)
+        try:
+            chosen = registry.entry(name)  # the preferred one where several claim the name
+        except PluginConflictError:
+            chosen = candidates[0]
         claims = tuple(f"{e.distribution} {e.version}" for e in candidates) if len(candidates) > 1 else ()
-        catalog[name] = PluginInfo(name, first.distribution, first.version, first.value, claims)
+        catalog[name] = PluginInfo(name, chosen.distribution, chosen.version, chosen.value, claims)
     return catalog
 
 
@@ -117,15 +120,32 @@ def methods() -> Catalog:
     return _catalog(METHODS)
 
 
+def layers() -> Catalog:
+    """The available layer handlers (``<method>.<handler>``): distribution and version. Imports no plugin."""
+    return _catalog(LAYERS)
+
+
+def kernels() -> Catalog:
+    """The available kernels (``<op>.<backend>``): distribution and version. Imports no plugin."""
+    return _catalog(KERNELS)
+
+
 def get_method(name: str) -> Any:
     """The method object registered as ``name`` (imports its plugin on first use).
 
+    Its layer handlers (``peftcore.layers`` entries ``<name>.<handler>``) are resolved too, so
+    that two distributions claiming one handler name fail here, before the model is touched,
+    rather than in the middle of target selection.
+
     Raises:
-        PluginError: unknown name, conflicting distributions, or a plugin that fails to load.
+        PluginError: unknown name, conflicting distributions (:class:`PluginConflictError`), or a
+            plugin that fails to load.
     """
     if not isinstance(name, str):
         raise PluginError(f"a method is named by a string such as 'lora', got {name!r}")
-    return METHODS.get(name)
+    method = METHODS.get(name)
+    layer_handlers(name)
+    return method
 
 
 def method_provider(name: str) -> dict[str, str | None]:
@@ -134,16 +154,35 @@ def method_provider(name: str) -> dict[str, str | None]:
     return {"distribution": entry.distribution, "version": entry.version}
 
 
+_handler_cache: dict[tuple[str, int], list[Any]] = {}
+
+
 def layer_handlers(method: str) -> list[Any]:
-    """The layer handlers of a method, highest priority first; code registrations before plugins."""
+    """The layer handlers of a method, highest ``priority`` first; at equal priority, handlers
+    registered in code come before plugins, and plugins before built-ins.
+
+    A third-party handler that fails to load is skipped with a warning (see
+    :meth:`peftcore.plugin.Registry.load_all`).
+
+    Raises:
+        PluginConflictError: two distributions claim one handler name and none is preferred.
+    """
+    key = (method, LAYERS.generation)
+    cached = _handler_cache.get(key)
+    if cached is not None:
+        return list(cached)
     loaded = list(LAYERS.load_all(prefix=f"{method}."))
 
-    def rank(item: tuple[Entry, Any]) -> tuple[int, int, int]:
+    def rank(item: tuple[Entry, Any]) -> tuple[int, int]:
         entry, handler = item
         origin = 0 if entry.distribution is None else (2 if entry.builtin else 1)
-        return (-getattr(handler, "priority", 0), origin, 0)
+        return (-getattr(handler, "priority", 0), origin)
 
-    return [handler for _, handler in sorted(loaded, key=rank)]
+    handlers = [handler for _, handler in sorted(loaded, key=rank)]
+    if len(_handler_cache) > 64:  # generations only grow; old keys are dead
+        _handler_cache.clear()
+    _handler_cache[key] = handlers
+    return list(handlers)
 
 
 def register_method(method: Any, *, replace: bool = False) -> Any:

@@ -1,6 +1,8 @@
 """The registries: built-ins through entry points, code registration, conflicts, broken plugins."""
 
+import dataclasses
 import importlib.metadata as metadata
+import warnings
 
 import pytest
 
@@ -117,3 +119,113 @@ def test_malformed_prefer_variable(monkeypatch):
     monkeypatch.setenv("PEFTCORE_PREFER", "nonsense")
     with pytest.raises(PluginError, match="malformed item 'nonsense'"):
         plugin._env_preferences()
+
+
+# -- behaviour added with the plugin system (issue 5) ----------------------------------------------
+def test_prefer_reaches_every_registry_even_with_several_per_group(monkeypatch):
+    """prefer() must invalidate the global registries' cached choices, however many exist."""
+    monkeypatch.setattr(registry.METHODS, "_discovered", {"dup": [_entry("dup", "dist-a"), _entry("dup", "dist-b")]})
+    plugin.Registry("peftcore.methods", "method")  # a second registry of the same group
+    try:
+        plugin.prefer("dup", "dist-b")
+        assert registry.METHODS.entry("dup").distribution == "dist-b"
+        plugin.prefer("dup", "dist-a")  # the cached resolution must be dropped
+        assert registry.METHODS.entry("dup").distribution == "dist-a"
+        assert peftcore.methods()["dup"].distribution == "dist-a"  # the catalogue shows the choice
+        plugin.prefer("dup", None)
+        with pytest.raises(plugin.PluginConflictError):
+            registry.METHODS.entry("dup")
+    finally:
+        plugin._preferences.clear()
+        registry.METHODS._forget("dup")
+
+
+def test_failed_import_is_tried_once_and_warned_once(monkeypatch):
+    attempts = []
+    real_import = plugin.importlib.import_module
+
+    def counting_import(name, *args):
+        attempts.append(name)
+        return real_import(name, *args)
+
+    monkeypatch.setattr(plugin.importlib, "import_module", counting_import)
+    reg = plugin.Registry("peftcore.layers", "layer")
+    reg._discovered = {"lora.broken": [plugin.Entry("peftcore.layers", "lora.broken", "no_such_module_xyz:thing", "broken-dist", "0.1")]}
+    for _ in range(3):
+        with pytest.raises(PluginError, match="broken-dist 0.1 failed to import"):
+            reg.get("lora.broken")
+    with pytest.warns(RuntimeWarning, match="skipping layer 'lora.broken'"):
+        assert list(reg.load_all("lora.")) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(reg.load_all("lora.")) == []
+    assert attempts == ["no_such_module_xyz"]
+
+
+def test_conflicts_raise_where_entries_are_enumerated():
+    reg = plugin.Registry("peftcore.kernels", "kernel")
+    reg._discovered = {"op.x": [plugin.Entry("peftcore.kernels", "op.x", "json:loads", d, "1") for d in ("kern-a", "kern-b")]}
+    with pytest.raises(plugin.PluginConflictError, match="kernel 'op.x' .* claimed by kern-a 1 and kern-b 1"):
+        list(reg.load_all("op."))
+
+
+def test_setup_errors_of_a_plugin_are_wrapped_naming_it():
+    # JSONDecodeError() needs arguments: the method validator's instantiation raises TypeError
+    reg = plugin.Registry("peftcore.methods", "method", registry._validate_method)
+    reg._discovered = {"bad": [plugin.Entry("peftcore.methods", "bad", "json:JSONDecodeError", "peftcore", "0")]}
+    with pytest.raises(PluginError, match=r"'bad' from distribution peftcore 0 \(json:JSONDecodeError\) could not be set up: TypeError") as info:
+        reg.get("bad")
+    assert isinstance(info.value.__cause__, TypeError)
+
+
+@pytest.mark.parametrize("declared, message", [(0, "built for peftcore plugin API version \\[0\\]"), ("1", "must be an int or a tuple of ints")])
+def test_code_registration_checks_the_api_version(declared, message):
+    fake = _Fake("versioned")
+    fake.peftcore_api = declared
+    with pytest.raises(PluginError, match=message):
+        peftcore.register_method(fake)
+    assert "versioned" not in peftcore.methods()
+    fake.peftcore_api = (1, 2)  # built for several versions, one of them ours
+    try:
+        peftcore.register_method(fake)
+    finally:
+        registry.METHODS.unregister("versioned")
+
+
+def test_disable_plugins_is_read_at_each_lookup(monkeypatch):
+    reg = plugin.Registry("peftcore.methods", "method")
+    reg._discovered = {"lora": [_entry("lora", "peftcore")], "third": [_entry("third", "third-party")]}
+    assert reg.names() == ["lora", "third"]
+    monkeypatch.setenv("PEFTCORE_DISABLE_PLUGINS", "1")
+    assert reg.names() == ["lora"] and "third" not in reg
+    with pytest.raises(PluginError, match="no method named 'third' \\(PEFTCORE_DISABLE_PLUGINS is set"):
+        reg.entry("third")
+    monkeypatch.setenv("PEFTCORE_DISABLE_PLUGINS", "0")
+    assert reg.entry("third").distribution == "third-party"
+
+
+def test_layer_handler_priority_and_cache_follow_registrations():
+    from peftcore.tuners.lora.layers import LINEAR
+
+    first = registry.layer_handlers("lora")
+    urgent = dataclasses.replace(LINEAR, kind="urgent", priority=5)
+    peftcore.register_layer("lora.urgent", urgent)
+    try:
+        assert registry.layer_handlers("lora")[0] is urgent
+    finally:
+        registry.LAYERS.unregister("lora.urgent")
+    assert registry.layer_handlers("lora") == first
+
+
+def test_temporarily_restores_what_was_registered():
+    original, other = _Fake("temp"), _Fake("temp")
+    peftcore.register_method(original)
+    try:
+        with registry.METHODS.temporarily("temp", other) as registered:
+            assert registered is other and registry.get_method("temp") is other
+        assert registry.get_method("temp") is original
+    finally:
+        registry.METHODS.unregister("temp")
+    with registry.METHODS.temporarily("temp", other):
+        pass
+    assert "temp" not in peftcore.methods()

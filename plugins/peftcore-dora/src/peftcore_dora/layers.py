@@ -1,0 +1,220 @@
+"""The DoRA adapter layer and the handlers that attach it to linear-like modules.
+
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") splits the adapted weight
+into a trained magnitude and a direction updated by LoRA, per output feature (a row of the
+``(out, in)`` weight; a "column" in the paper's ``(in, out)`` layout):
+
+    W' = m * V / ||V||,    V = W + s B A,    ||V|| = row-wise L2 norm, shape (out,)
+
+with ``m`` initialised to ``||W||``, so ``W' = W`` at init. Shapes follow HF PEFT (``lora_A``
+``(r, in)``, ``lora_B`` ``(out, r)``, ``lora_magnitude_vector`` ``(out,)``), so converting a saved
+adapter is a renaming of keys.
+
+Forward never materialises ``W'``: ``y = (m / ||V||) * (x W^T + s x A^T B^T) + b``, with ``||V||``
+treated as a constant in backward, as the paper proposes (section 4.3: it saves the memory of
+the norm's backward at no measurable cost in accuracy) and HF PEFT does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.errors import AdapterStateError
+from peftcore.tuners.base import AdapterLayer
+
+#: |m| below this cannot be divided back out of merged weights.
+UNMERGE_MIN_ABS = 1e-12
+
+
+def reference_dora_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The adapted weight in plain PyTorch: the meaning the layer's forward and merge must reproduce.
+
+    Args:
+        weight: base weight, shape ``(out, in)``.
+        A: down-projection, shape ``(r, in)``.
+        B: up-projection, shape ``(out, r)``.
+        magnitude: ``m``, shape ``(out,)``.
+        scale: ``s`` = alpha / r.
+
+    Returns:
+        ``m * V / ||V||`` with ``V = W + s B A`` and row-wise norms, shape ``(out, in)``.
+    """
+    direction = weight + scale * (B @ A)  # (out, in)
+    return (magnitude / direction.norm(p=2, dim=1))[:, None] * direction
+
+
+class DoraLayer(AdapterLayer):
+    """DoRA on ``nn.Linear`` or transformers ``Conv1D``; the original stays as ``base_layer``.
+
+    A layer may hold several adapters, but at most one of them runs unmerged at a time: DoRA
+    renormalises the whole weight, so two DoRA updates do not add up (:class:`DoraMethod`
+    refuses to activate two; forward raises if it finds two running all the same).
+    """
+
+    method = "dora"
+
+    def __init__(self, base_layer: nn.Module, transposed: bool = False):
+        super().__init__(base_layer)
+        self.transposed = transposed  # Conv1D stores its weight as (in, out)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.dora_config: dict[str, Any] = {}
+        # ||V|| at merge time, per merged adapter: unmerge needs it to undo the renormalisation.
+        self.merged_norms: dict[str, torch.Tensor] = {}
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in)``; a view of the stored tensor, so in-place ops write through."""
+        weight = self.base_layer.weight
+        return weight.t() if self.transposed else weight
+
+    # -- adapters --------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def add_adapter(self, name: str, config: Any) -> None:
+        if name in self.lora_A:
+            raise AdapterStateError(f"this layer already holds a DoRA adapter named {name!r}")
+        weight = self.base_weight()
+        out_features, in_features = weight.shape
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        A = torch.empty(config.rank, in_features, **factory)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # as LoRA: B = 0 makes the update zero at init
+            magnitude = weight.detach().norm(p=2, dim=1)  # the same op forward uses, so m / ||V|| == 1 exactly
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(out_features, config.rank, **factory))
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+        self.dora_config[name] = config
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.merged_adapters.remove(name)  # its update stays folded into the base weight
+        self.merged_norms.pop(name, None)
+        del self.lora_A[name]
+        del self.lora_B[name]
+        del self.lora_magnitude_vector[name]
+        del self.dora_config[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {
+            "lora_A": self.lora_A[name],
+            "lora_B": self.lora_B[name],
+            "lora_magnitude_vector": self.lora_magnitude_vector[name],
+        }
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        running = self.running_adapters()
+        if not running:
+            return self.base_layer(x)
+        if len(running) > 1:
+            raise AdapterStateError(f"DoRA adapters {list(running)} cannot run together on one layer; activate one")
+        name = running[0]
+        cfg = self.dora_config[name]
+        A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
+        weight = self.base_weight()  # (out, in)
+        with torch.no_grad():  # ||V|| is a constant in backward (DoRA section 4.3)
+            norm = (weight + (cfg.scale * (B @ A)).to(weight.dtype)).norm(p=2, dim=1)  # (out,)
+        factor = (m / norm).to(x.dtype)  # (out,)
+        h = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
+        y = F.linear(x, weight.to(x.dtype)) + cfg.scale * F.linear(F.linear(h, A), B)  # (*, out)
+        y = factor * y
+        bias = getattr(self.base_layer, "bias", None)
+        return y if bias is None else y + bias
+
+    # -- merge -------------------------------------------------------------------------------------
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        cfg, dtype = self.dora_config[name], self._compute_dtype()
+        weight = self.base_weight()
+        with torch.no_grad():
+            A, B = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+            direction = weight.to(dtype) + cfg.scale * (B @ A)  # (out, in)
+            norm = direction.norm(p=2, dim=1)
+            factor = self.lora_magnitude_vector[name].to(dtype) / norm
+            weight.copy_((factor[:, None] * direction).to(weight.dtype))
+        self.merged_norms[name] = norm
+        self.merged_adapters.append(name)
+
+    def unmerge_problem(self, name: str) -> str | None:
+        """Why adapter ``name`` cannot be unmerged (magnitudes too close to zero), or ``None``."""
+        small = int((self.lora_magnitude_vector[name].detach().abs() < UNMERGE_MIN_ABS).sum())
+        if small:
+            return f"{small} entries of its magnitude vector are below {UNMERGE_MIN_ABS:g}, so the direction cannot be recovered"
+        return None
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        problem = self.unmerge_problem(name)
+        if problem:
+            raise AdapterStateError(f"cannot unmerge DoRA adapter {name!r}: {problem}")
+        cfg, dtype = self.dora_config[name], self._compute_dtype()
+        weight = self.base_weight()
+        with torch.no_grad():
+            A, B = self.lora_A[name].to(dtype), self.lora_B[name].to(dtype)
+            norm = self.merged_norms[name].to(device=weight.device, dtype=dtype)
+            factor = self.lora_magnitude_vector[name].to(dtype) / norm
+            direction = weight.to(dtype) / factor[:, None]
+            weight.copy_((direction - cfg.scale * (B @ A)).to(weight.dtype))
+        del self.merged_norms[name]
+        self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        ranks = {n: c.rank for n, c in self.dora_config.items()}
+        return f"ranks={ranks}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` (not a subclass with its own forward, e.g. a quantized one)."""
+    return (
+        isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+        # MultiheadAttention reads out_proj.weight directly and never calls its forward.
+        and type(module).__name__ != "NonDynamicallyQuantizableLinear"
+    )
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), matched by name so that transformers is not imported here."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraHandler:
+    """Attaches DoRA to one kind of module (entry-point group ``peftcore.layers``)."""
+
+    kind: str
+    predicate: Callable[[nn.Module], bool]
+    transposed: bool
+    linear_like: bool = True
+    priority: int = 0
+    method: str = "dora"
+    peftcore_api: int = 1
+
+    def matches(self, module: nn.Module) -> bool:
+        return self.predicate(module)
+
+    def wrap(self, module: nn.Module) -> DoraLayer:
+        return DoraLayer(module, transposed=self.transposed)
+
+    def describe(self) -> str:
+        return self.kind
+
+
+LINEAR = DoraHandler("torch.nn.Linear", is_linear, transposed=False)
+HF_CONV1D = DoraHandler("transformers Conv1D", is_hf_conv1d, transposed=True)
