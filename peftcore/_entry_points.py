@@ -19,5 +19,8 @@ ENTRY_POINTS = {
     ],
     "peftcore.kernels": [
         "lora_linear.reference = peftcore.ops.lora:REFERENCE",
+        "lora_linear.cpp = peftcore.ops.lora_cpp:CPP",
+        "lora_linear.triton = peftcore.ops.lora_triton:TRITON",
+        "lora_linear.cuda = peftcore.ops.lora_cuda:CUDA",
     ],
 }

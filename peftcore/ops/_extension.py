@@ -7,7 +7,12 @@ import functools
 
 @functools.lru_cache(maxsize=None)
 def load() -> tuple[bool, str]:
-    """Imports ``peftcore._C`` once, registering its ops; returns (loaded, reason if not)."""
+    """Imports ``peftcore._C`` once, registering its ops; returns (loaded, reason if not).
+
+    Importing the module registers the C++ schemas and kernels (``torch.ops.peftcore.*``); the
+    Python halves of ``lora_linear`` (fake kernel, autograd) are registered right after, so the
+    op is complete on every device whoever loads the extension first.
+    """
     try:
         import peftcore._C  # noqa: F401  (import registers torch.ops.peftcore.*)
     except ImportError as exc:
@@ -15,7 +20,22 @@ def load() -> tuple[bool, str]:
             f"the C++ extension peftcore._C is not built ({exc}); build it with "
             "'pip install --no-build-isolation -e .' (torch must be installed first)"
         )
+    if torch_has_op("lora_linear"):
+        from peftcore.ops import lora_cpp
+
+        lora_cpp.register()
     return True, ""
+
+
+def torch_has_op(name: str) -> bool:
+    """Whether ``torch.ops.peftcore.<name>`` exists (the loaded build declares it)."""
+    import torch
+
+    try:
+        getattr(torch.ops.peftcore, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def has_cuda() -> bool:

@@ -87,8 +87,23 @@ def backends(op: str | None = None) -> BackendTable:
     return table
 
 
+def known_backends(op: str) -> list[str]:
+    """The backend names registered for ``op`` (available here or not)."""
+    return sorted(_kernels(op))
+
+
+def refresh() -> None:
+    """Forgets cached selections and fallback warnings (e.g. after building the extension)."""
+    _selected.clear()
+    _warn_fallback_once.cache_clear()
+
+
 def requested_backend(backend: str | None) -> str:
-    """The backend asked for: the argument, else ``PEFTCORE_BACKEND``, else ``auto``."""
+    """The backend asked for: the argument, else ``PEFTCORE_BACKEND``, else ``auto``.
+
+    A backend named in code (``wrap(..., backend="cpp")``) wins over the environment variable;
+    ``backend="auto"`` (the default) lets ``PEFTCORE_BACKEND`` choose.
+    """
     if backend is not None and backend != AUTO:
         return backend
     return os.environ.get("PEFTCORE_BACKEND", "").strip() or AUTO

@@ -6,6 +6,11 @@ backend (see :mod:`peftcore.ops.dispatch`) and runs it.
 
 The dropout mask is :func:`peftcore.ops.philox.keep_mask` of ``(seed, offset)`` over ``x`` viewed
 row-major, so backends that regenerate it in backward agree with the reference bit for bit.
+Seeds are Python ints or 0-dim int64 CPU tensors; layers pass tensors (:func:`new_seed_tensor`)
+so that ``torch.compile`` draws them inside the graph instead of breaking it at ``.item()``.
+
+Backends (see ``docs/kernels.md``): ``reference`` (here), ``cpp`` (:mod:`peftcore.ops.lora_cpp`,
+the C++ op in ``csrc/``), and the GPU kernels ``triton`` and ``cuda``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ def reference_lora_linear(
     B: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """LoRA linear in plain PyTorch: the meaning every backend must reproduce.
 
@@ -38,7 +43,8 @@ def reference_lora_linear(
         B: up-projection, shape ``(N, r)``.
         scale: multiplier of the low-rank path (alpha / r, or alpha / sqrt(r) for rsLoRA).
         dropout_p: dropout probability on the low-rank path's input, in ``[0, 1)``.
-        seed: 64-bit seed of the dropout mask (ignored when ``dropout_p == 0``).
+        seed: 64-bit seed of the dropout mask, an int or a 0-dim int64 tensor (ignored when
+            ``dropout_p == 0``).
 
     Returns:
         Output of shape ``(*, N)``.
@@ -58,6 +64,7 @@ class _ReferenceKernel:
     devices = ("cpu", "cuda", "mps", "xpu", "meta")
     priority = 0
     hint = ""
+    seed_tensor = True
 
     def available(self) -> tuple[bool, str]:
         return True, ""
@@ -71,7 +78,16 @@ REFERENCE = _ReferenceKernel()
 
 def new_seed() -> int:
     """A fresh dropout seed from torch's default generator (so ``torch.manual_seed`` fixes it)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+    return int(new_seed_tensor().item())
+
+
+def new_seed_tensor() -> torch.Tensor:
+    """A fresh dropout seed as a 0-dim int64 CPU tensor, drawn like :func:`new_seed`.
+
+    Layers use this form: under ``torch.compile`` it stays a graph value (no ``.item()``, so no
+    graph break, and no recompile for each new seed value).
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 def lora_linear(
@@ -82,14 +98,28 @@ def lora_linear(
     B: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
     """LoRA linear on the chosen backend; arguments as in :func:`reference_lora_linear`.
 
+    Kernels receive ``x`` flattened to ``(M, K)`` (a view for contiguous ``x``, so layers that
+    share one input, like q/k/v, still save one tensor's memory) and return ``(M, N)``. A
+    kernel gets the seed as a tensor only if it sets ``seed_tensor = True``, else as an int.
+
     Args:
         backend: ``"auto"``/``None`` (best available, or ``PEFTCORE_BACKEND``), or a backend name.
+
+    Returns:
+        Output of shape ``(*, N)``.
+
+    Raises:
+        BackendUnavailableError: ``backend`` names a backend that cannot run here (with the reason).
     """
     kernel = dispatch.select(OP, x.device.type, backend)
-    return kernel(x, weight, bias, A, B, scale, dropout_p, seed)
+    if isinstance(seed, torch.Tensor) and not getattr(kernel, "seed_tensor", False):
+        seed = int(seed)
+    lead = x.shape[:-1]
+    y = kernel(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scale, dropout_p, seed)
+    return y.reshape(*lead, y.shape[-1])

@@ -12,6 +12,10 @@ draws the very same mask:
   and kept elements are scaled by ``1 / (1 - p)``.
 
 ``offset`` is the row-major index of the element in the op's input viewed as ``(M, K)``.
+
+The seed is a Python int or a 0-dim int64 tensor (its 64 bits, two's complement, are the key).
+The tensor form keeps ``torch.compile`` graphs whole: no ``.item()`` is needed to draw a mask.
+C++ and CUDA implement the same generator in ``csrc/philox.h``.
 """
 
 from __future__ import annotations
@@ -38,18 +42,28 @@ def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
     return (a * b_hi + ((a * b_lo) >> 16)) >> 16
 
 
-def philox4x32(seed: int, counter: torch.Tensor, rounds: int = N_ROUNDS) -> tuple[torch.Tensor, ...]:
+def _key(seed: int | torch.Tensor) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+    # (k0, k1) = low and high 32 bits of the seed taken modulo 2**64. For an int64 tensor the
+    # arithmetic shift sign-extends, and the mask drops those bits again.
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(torch.int64)
+        return seed & _MASK32, (seed >> 32) & _MASK32
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return seed & _MASK32, seed >> 32
+
+
+def philox4x32(seed: int | torch.Tensor, counter: torch.Tensor, rounds: int = N_ROUNDS) -> tuple[torch.Tensor, ...]:
     """Philox4x32 on counters ``(counter & 0xffffffff, counter >> 32, 0, 0)``.
 
     Args:
-        seed: 64-bit key (low/high halves are k0/k1); taken modulo 2**64.
+        seed: 64-bit key (low/high halves are k0/k1), an int (taken modulo 2**64) or a 0-dim
+            int64 tensor (its two's-complement bits).
         counter: int64 tensor of block counters, any shape.
 
     Returns:
         Four int64 tensors holding the 32-bit outputs c0..c3, shaped like ``counter``.
     """
-    seed &= 0xFFFFFFFFFFFFFFFF
-    k0, k1 = seed & _MASK32, seed >> 32
+    k0, k1 = _key(seed)
     c0 = counter & _MASK32
     c1 = (counter >> 32) & _MASK32
     c2 = torch.zeros_like(counter)
@@ -65,7 +79,7 @@ def philox4x32(seed: int, counter: torch.Tensor, rounds: int = N_ROUNDS) -> tupl
     return c0, c1, c2, c3
 
 
-def random_bits(seed: int, numel: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+def random_bits(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
     """The 32-bit draws ``r`` for offsets ``start .. start + numel - 1`` (int64 tensor)."""
     first, last = start >> 2, (start + numel - 1) >> 2
     counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
@@ -74,7 +88,7 @@ def random_bits(seed: int, numel: int, device: torch.device | str = "cpu", start
     return lanes[skip: skip + numel]
 
 
-def keep_mask(seed: int, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(seed: int | torch.Tensor, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The boolean keep-mask of dropout with probability ``p``, for a row-major tensor of ``shape``."""
     numel = 1
     for size in shape:

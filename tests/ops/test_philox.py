@@ -30,3 +30,16 @@ def test_keep_fraction_and_determinism():
     assert torch.equal(mask, philox.keep_mask(42, (64, 1000), 0.3))
     assert not torch.equal(mask, philox.keep_mask(43, (64, 1000), 0.3))
     assert philox.keep_mask(1, (3, 4), 0.0).all()
+
+
+def test_tensor_seeds_equal_int_seeds():
+    for seed in (0, 7, SEED, 2**62 + 3, -5, -(2**63)):
+        as_tensor = torch.tensor(seed, dtype=torch.int64)
+        assert torch.equal(philox.random_bits(as_tensor, 50, start=3), philox.random_bits(seed, 50, start=3)), seed
+    # a negative int64 seed is its two's-complement 64-bit pattern
+    assert torch.equal(philox.random_bits(-5, 8), philox.random_bits(2**64 - 5, 8))
+
+
+def test_threshold_boundaries():
+    assert philox.threshold(0.0) == 0 and philox.threshold(0.5) == 2**30
+    assert not philox.keep_mask(3, (1000,), 0.999999).all() and philox.keep_mask(3, (1000,), 1e-12).all()

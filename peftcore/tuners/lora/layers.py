@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftcore.errors import AdapterStateError, ConfigError
+from peftcore.errors import AdapterStateError, ConfigError, PeftcoreError
 from peftcore.tuners.base import AdapterLayer
 from peftcore.tuners.lora.config import LoraConfig
-from peftcore.ops import philox
-from peftcore.ops.lora import lora_linear, new_seed
+from peftcore.ops import dispatch, philox
+from peftcore.ops.lora import OP, lora_linear, new_seed_tensor
 
 
 class _TensorStore(nn.Module):
@@ -206,7 +206,7 @@ class LoraLayer(AdapterLayer):
     def _dropout(self, x: torch.Tensor, cfg: LoraConfig) -> torch.Tensor:
         if not self.training or cfg.dropout == 0.0:
             return x
-        keep = philox.keep_mask(new_seed(), x.shape, cfg.dropout, x.device)
+        keep = philox.keep_mask(new_seed_tensor(), x.shape, cfg.dropout, x.device)
         return x * keep.to(x.dtype) * (1.0 / (1.0 - cfg.dropout))
 
     def extra_repr(self) -> str:
@@ -224,6 +224,22 @@ class LoraLinear(LoraLayer):
     def _weight_for_op(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def add_adapter(self, name: str, config: Any) -> None:
+        known = dispatch.known_backends(OP)
+        if config.backend != dispatch.AUTO and config.backend not in known:
+            raise ConfigError(
+                f"lora backend {config.backend!r} does not exist; choose 'auto' or one of {', '.join(known)} "
+                "(peftcore.backends() shows which can run here)"
+            )
+        super().add_adapter(name, config)
+        # Resolve the kernel now (eagerly) so torch.compile finds it in dispatch's cache rather
+        # than tracing the plugin registry (which would break the graph). A backend that cannot
+        # run on this device yet (the model may move to a GPU later) is reported at forward.
+        try:
+            dispatch.select(OP, self.base_layer.weight.device.type, config.backend)
+        except PeftcoreError:
+            pass
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         running = self.running_adapters()
         if not running:
@@ -231,9 +247,12 @@ class LoraLinear(LoraLayer):
         first, *rest = running
         cfg = self.lora_config[first]
         p = cfg.dropout if self.training else 0.0
+        # One op computes base + low-rank path. The seed is a fresh 0-dim tensor per call (drawn
+        # from torch's generator, so torch.manual_seed fixes it); the op keeps it to regenerate
+        # the mask in backward. x goes in as is: layers sharing an input (q, k, v) save it once.
         y = lora_linear(
             x, self._weight_for_op(), self.base_layer.bias, self.lora_A[first], self.lora_B[first],
-            cfg.scale, p, new_seed() if p > 0.0 else 0, backend=cfg.backend,
+            cfg.scale, p, new_seed_tensor() if p > 0.0 else 0, backend=cfg.backend,
         )
         for name in rest:
             cfg = self.lora_config[name]

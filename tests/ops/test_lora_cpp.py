@@ -1,0 +1,206 @@
+"""The C++ ``lora_linear`` op (backend ``cpp``) against the reference: forward, every gradient,
+the dropout mask bit for bit, gradcheck, opcheck, odd shapes (hypothesis), and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peftcore.ops import _extension, lora, lora_cpp, philox
+
+LOADED, WHY_NOT = _extension.load()
+pytestmark = pytest.mark.skipif(not LOADED, reason=f"C++ extension not built: {WHY_NOT}")
+
+# Max error relative to the largest reference magnitude, per dtype. float32: reduction order only
+# (MKL blocks vs the fused kernels' vector sums). bfloat16: 8 mantissa bits, and the fused
+# kernels round once where the reference rounds after each op.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float64: 1e-12}
+
+SHAPES = [  # (leading dims of x, K, N, r)
+    ((3, 37), 129, 65, 1),
+    ((3, 37), 129, 65, 5),
+    ((3, 37), 129, 65, 8),
+    ((3, 37), 129, 65, 16),
+    ((1,), 1, 1, 1),
+    ((5,), 8, 3, 9),  # r > K
+    ((2, 3, 7), 33, 40, 12),
+]
+
+
+def _inputs(lead, K, N, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+
+    x = rand(*lead, K).requires_grad_()
+    W = rand(N, K, std=K**-0.5)
+    b = rand(N).requires_grad_() if bias else None
+    A = rand(r, K, std=K**-0.5).requires_grad_()
+    B = rand(N, r, std=r**-0.5).requires_grad_()
+    return x, W, b, A, B
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-6)).item()
+
+
+def _run(fn, x, W, b, A, B, scale, p, seed, grad):
+    y = fn(x, W, b, A, B, scale, p, seed)
+    leaves = [t for t in (x, b, A, B) if t is not None]
+    return (y, *torch.autograd.grad(y, leaves, grad))
+
+
+def _cpp(x, W, b, A, B, scale, p, seed):
+    return lora.lora_linear(x, W, b, A, B, scale, p, seed, backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("lead, K, N, r", SHAPES)
+def test_forward_and_grads_match_reference(lead, K, N, r, p, dtype):
+    x, W, b, A, B = _inputs(lead, K, N, r, dtype)
+    seed = torch.tensor(123456789, dtype=torch.int64)
+    grad = torch.randn(*lead, N, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want = _run(lora.reference_lora_linear, x, W, b, A, B, 1.7, p, seed, grad)
+    got = _run(_cpp, x, W, b, A, B, 1.7, p, seed, grad)
+    for name, g, w in zip(["y", "grad_x", "grad_bias", "grad_A", "grad_B"], got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert _rel_err(g, w) <= TOLERANCE[dtype], f"{name}: relative error {_rel_err(g, w):.2e}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_without_bias_and_without_input_grad(p):
+    x, W, _, A, B = _inputs((4, 9), 31, 17, 3, torch.float32, bias=False)
+    x = x.detach()  # e.g. the first layer after a frozen embedding: no grad_x work
+    seed = torch.tensor(7)
+    y_ref = lora.reference_lora_linear(x, W, None, A, B, 0.5, p, seed)
+    y = lora.lora_linear(x, W, None, A, B, 0.5, p, seed, backend="cpp")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, (A, B), g), torch.autograd.grad(y_ref, (A, B), g),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_mask_is_bit_identical_to_philox():
+    # With A = I and x = 1, h = dropout(1) exposes the mask: kept entries are exactly 1 / (1 - p).
+    for (M, K), seed in [((7, 13), 0), ((50, 37), 2**62 - 1), ((3, 4), -5), ((1, 1), 0x123456789ABCDEF), ((9, 301), 99)]:
+        x = torch.ones(M, K)
+        seed_t = torch.tensor(seed, dtype=torch.int64)
+        _, h = torch.ops.peftcore.lora_linear(x, torch.zeros(2, K), None, torch.eye(K), torch.zeros(2, K), 1.0, 0.37, seed_t)
+        assert torch.equal(h != 0, philox.keep_mask(seed, (M, K), 0.37))
+        assert torch.all((h == 0) | (h == torch.tensor(1 / 0.63)))
+
+
+def test_backward_regenerates_the_forward_mask():
+    # grad_A = gh^T (mask * x) / (1 - p): computed by hand from the philox mask of the same seed.
+    x, W, b, A, B = _inputs((6,), 40, 12, 4, torch.float64)
+    seed = torch.tensor(2024)
+    y = lora.lora_linear(x, W, b, A, B, 2.0, 0.5, seed, backend="cpp")
+    g = torch.randn_like(y)
+    grad_A, = torch.autograd.grad(y, (A,), g)
+    keep = philox.keep_mask(2024, (6, 40), 0.5).double()
+    expected = (2.0 * g @ B).T @ (x * keep / 0.5)
+    torch.testing.assert_close(grad_A, expected)
+    # A different seed gives a different mask.
+    y2 = lora.lora_linear(x, W, b, A, B, 2.0, 0.5, torch.tensor(2025), backend="cpp")
+    assert not torch.allclose(torch.autograd.grad(y2, (A,), g)[0], expected)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("fn", [lora.reference_lora_linear, _cpp], ids=["reference", "cpp"])
+def test_gradcheck_float64(fn, p):
+    x, W, b, A, B = _inputs((3, 5), 11, 7, 3, torch.float64)
+    seed = torch.tensor(31337)
+    assert torch.autograd.gradcheck(lambda x, b, A, B: fn(x, W, b, A, B, 0.8, p, seed), (x, b, A, B))
+
+
+def test_opcheck():
+    x, W, b, A, B = _inputs((9,), 20, 6, 4, torch.float32)
+    for bias, p in [(b, 0.0), (b, 0.2), (None, 0.2)]:
+        torch.library.opcheck(torch.ops.peftcore.lora_linear.default,
+                              (x, W, bias, A, B, 1.5, p, torch.tensor(5)))
+    grad_y, h = torch.randn(9, 6), torch.randn(9, 4)
+    for mask in ([True, True, True], [False, True, True], [True, False, False]):
+        torch.library.opcheck(torch.ops.peftcore.lora_linear_backward.default,
+                              (grad_y, x.detach(), W, A.detach(), B.detach(), h, 1.5, 0.2, torch.tensor(5), mask))
+
+
+def test_transposed_weight_view_is_read_in_place():
+    # GPT-2's Conv1D stores (in, out) and passes weight.t(): the op must not need a copy, and
+    # the gradient of an unfrozen weight still reaches the (in, out) parameter.
+    torch.manual_seed(0)
+    stored = torch.randn(24, 10, requires_grad=True)  # (K, N)
+    x, A, B = torch.randn(5, 24, requires_grad=True), torch.randn(3, 24), torch.randn(10, 3)
+    y = lora.lora_linear(x, stored.t(), None, A, B, 1.0, 0.1, torch.tensor(3), backend="cpp")
+    y_ref = lora.reference_lora_linear(x, stored.t(), None, A, B, 1.0, 0.1, torch.tensor(3))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, stored), g), torch.autograd.grad(y_ref, (x, stored), g),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_weight_gets_no_gradient():
+    x, W, b, A, B = _inputs((4,), 8, 5, 2, torch.float32)
+    y = lora.lora_linear(x, W, b, A, B, 1.0, 0.2, torch.tensor(1), backend="cpp")
+    y.sum().backward()
+    assert W.grad is None and A.grad is not None and B.grad is not None
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, W, b, A, B = _inputs((600,), 70, 30, 6, torch.float32)
+    seed = torch.tensor(11)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(_run(_cpp, x, W, b, A, B, 1.0, 0.3, seed, torch.ones(600, 30)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    M=st.integers(1, 70),
+    K=st.integers(1, 90),
+    N=st.integers(1, 40),
+    r=st.integers(1, 16),
+    p=st.sampled_from([0.0, 0.1, 0.5]),
+    bias=st.booleans(),
+    seed=st.integers(-(2**63), 2**63 - 1),
+)
+def test_hypothesis_shapes(M, K, N, r, p, bias, seed):
+    x, W, b, A, B = _inputs((M,), K, N, r, torch.float32, bias=bias, seed=M * 1000 + K)
+    seed_t = torch.tensor(seed, dtype=torch.int64)
+    grad = torch.randn(M, N, generator=torch.Generator().manual_seed(N))
+    want = _run(lora.reference_lora_linear, x, W, b, A, B, 1.3, p, seed_t, grad)
+    got = _run(_cpp, x, W, b, A, B, 1.3, p, seed_t, grad)
+    for g, w in zip(got, want):
+        # fp32 sums of up to 90 terms in a different order: ~1e-5 absolute is rounding, not a bug.
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(A=torch.randn(2, 5)), "A must be"),
+    (lambda a: a.update(B=torch.randn(3, 7)), "B must be"),
+    (lambda a: a.update(bias=torch.randn(4)), "bias must be"),
+    (lambda a: a.update(A=torch.randn(2, 6, dtype=torch.float64)), "dtype"),
+    (lambda a: a.update(dropout_p=1.0), "dropout_p"),
+    (lambda a: a.update(seed=torch.tensor([1, 2])), "seed"),
+])
+def test_bad_inputs_raise_clear_errors(change, message):
+    args = dict(x=torch.randn(4, 6), weight=torch.randn(3, 6), bias=None, A=torch.randn(2, 6), B=torch.randn(3, 2),
+                scale=1.0, dropout_p=0.1, seed=torch.tensor(1))
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.peftcore.lora_linear(*args.values())
+
+
+def test_kernel_object_reports_available():
+    assert lora_cpp.CPP.available() == (True, "")
+    assert lora_cpp.CPP.devices == ("cpu",) and lora_cpp.CPP.priority > lora.REFERENCE.priority
