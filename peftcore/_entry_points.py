@@ -8,6 +8,9 @@ tree that was never installed (no packaging metadata to read).
 ENTRY_POINTS = {
     "peftcore.methods": [
         "lora = peftcore.tuners.lora.method:LoraMethod",
+        "adapter = peftcore.tuners.adapter.method:AdapterMethod",
+        "prefix = peftcore.tuners.prefix.method:PrefixMethod",
+        "prompt = peftcore.tuners.prompt.method:PromptMethod",
     ],
     "peftcore.layers": [
         "lora.linear = peftcore.tuners.lora.layers:LINEAR",
@@ -22,5 +25,8 @@ ENTRY_POINTS = {
         "lora_linear.cpp = peftcore.ops.lora_cpp:CPP",
         "lora_linear.triton = peftcore.ops.lora_triton:TRITON",
         "lora_linear.cuda = peftcore.ops.lora_cuda:CUDA",
+        "bottleneck.reference = peftcore.ops.bottleneck:REFERENCE",
+        "bottleneck.cpp = peftcore.ops.bottleneck_cpp:CPP",
+        "bottleneck.triton = peftcore.ops.bottleneck_triton:TRITON",
     ],
 }
