@@ -3,50 +3,174 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from peftcore.errors import PeftcoreError
+from peftcore.errors import ConfigError, PeftcoreError
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless its help already says it, or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = action.nargs == 0  # --bf16, --no-progress: the flag's name says what it does
+        if flag or "default" in text or action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as JSON when it parses (``8``, ``0.1``, ``true``, ``[1, 2]``), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. size=64), got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def _add_data_options(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=d.data, help="training file (CSV, TSV or JSONL); default: the bundled dataset")
+    g.add_argument("--validation-data", default=d.validation_data, help="validation file; default: bundled split, or 20%% of --data")
+    g.add_argument("--text-column", default=d.text_column, help="column holding the text")
+    g.add_argument("--label-column", default=d.label_column, help="column holding the label")
+    g.add_argument("--model", default=d.model, help="local transformers model directory; default: all-MiniLM-L6-v2")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="token limit per text")
+
+
+def _add_strategy_options(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("strategy options (each applies to the strategies named)")
+    g.add_argument("--rank", type=int, default=d.rank, help="lora: rank")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="lora: alpha (scale = alpha / rank)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="lora: dropout")
+    g.add_argument("--method-option", dest="method_options", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="any peftcore.wrap option of the PEFT method, e.g. size=64 (adapter) or virtual_tokens=20; repeatable")
+    g.add_argument("--freeze-blocks", type=int, default=d.freeze_blocks, help="partial: bottom blocks to freeze (default: half)")
+    g.add_argument("--freeze", default=d.freeze, help="partial: also freeze parameters whose names fully match this regex")
+    g.add_argument("--lr-decay", type=float, default=d.lr_decay,
+                   help="discriminative (default 0.8) and progressive (default 1): rate factor per block going down")
+    g.add_argument("--unfreeze-every", type=int, default=d.unfreeze_every,
+                   help="progressive: optimizer steps between unfreezing stages (0: one stage per epoch)")
+    g.add_argument("--blocks-per-stage", type=int, default=d.blocks_per_stage, help="progressive: blocks unfrozen per stage")
+    g.add_argument("--blocks", default=d.blocks, help="the model's block list (dotted path or regex) if not found automatically")
+    g.add_argument("--head", default=d.head, help="the task head: comma-separated module names, or a regex (default: found automatically)")
+
+
+def _add_training_options(p: argparse.ArgumentParser, d) -> None:
+    from peftcore.train.config import STOP_METRICS
+    from peftcore.train.optim import SCHEDULES
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: per strategy, e.g. lora 2e-3, full 1e-4)")
+    g.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="layer strategies: the task head's rate (default: --lr; 10 x --lr for progressive)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (gradient accumulation)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule (after linear warmup, except one-cycle)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warmup (one-cycle: its rising phase)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only, not biases or norms)")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip the gradient norm (0: no clipping)")
+    g.add_argument("--l1", type=float, default=d.l1, help="L1 penalty strength on the trained matrices (0: off)")
+    g.add_argument("--ewc", type=float, default=d.ewc, metavar="STRENGTH",
+                   help="EWC penalty strength against moving away from the starting weights (0: off), e.g. 1e4")
+    g.add_argument("--ewc-data", default=d.ewc_data, help="reference data for EWC's Fisher information (default: the training data)")
+    g.add_argument("--ewc-examples", type=int, default=d.ewc_examples, help="examples used to estimate the Fisher information")
+    g.add_argument("--early-stopping", type=int, default=d.early_stopping, metavar="PATIENCE",
+                   help="stop after this many epochs without a better validation metric, restoring the best weights (0: off)")
+    g.add_argument("--early-stopping-metric", choices=list(STOP_METRICS), default=d.early_stopping_metric, help="metric early stopping watches")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (also on the CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="torch intra-op threads (default: one per core); 1 is much faster on a machine busy with other jobs")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from peftcore.train.finetune import FinetuneConfig
+    from peftcore.train.config import FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser(
         "finetune",
-        help="fine-tune a text classifier with an adapter",
-        description="Fine-tune a transformers encoder for text classification with an adapter method. "
-        "With no options: all-MiniLM-L6-v2 + LoRA on the bundled 'peftcore topics' dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="fine-tune a text classifier with an adapter or another strategy",
+        description="Fine-tune a transformers encoder for text classification. With no options: all-MiniLM-L6-v2 + "
+        "LoRA on the bundled 'peftcore topics' dataset. Strategies: lora, adapter, prefix, prompt (peftcore methods, "
+        "as installed), feature-extraction, partial, progressive, discriminative, full.",
+        formatter_class=_Formatter,
     )
-    p.add_argument("--data", default=d.data, help="training file (CSV, TSV or JSONL); default: the bundled dataset")
-    p.add_argument("--validation-data", default=d.validation_data, help="validation file; default: bundled split, or 20%% of --data")
-    p.add_argument("--text-column", default=d.text_column, help="column holding the text")
-    p.add_argument("--label-column", default=d.label_column, help="column holding the label")
-    p.add_argument("--model", default=d.model, help="local transformers model directory; default: all-MiniLM-L6-v2")
-    p.add_argument("--method", default=d.method, help="adapter method (see 'peftcore methods')")
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / rank)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per step")
-    p.add_argument("--max-length", type=int, default=d.max_length, help="token limit per text")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps of linear warmup (then cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--out", default=d.out, help="run directory; default: runs/finetune-<time>")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--strategy", default=d.strategy, help="fine-tuning strategy or peftcore method (default: --method)")
+    p.add_argument("--method", default=d.method, help="adapter method (see 'peftcore methods'); same as --strategy for PEFT methods")
+    _add_data_options(p, d)
+    _add_strategy_options(p, d)
+    _add_training_options(p, d)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, help="run directory; default: runs/finetune-<time>")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(handler=_run_finetune)
 
 
-def _run_finetune(args: argparse.Namespace) -> int:
-    from peftcore.train.finetune import FinetuneConfig, run
+def _config(args: argparse.Namespace):
+    from peftcore.train.config import FinetuneConfig
 
     fields = {k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__}
-    run(FinetuneConfig(**fields))
+    options = fields.pop("method_options", [])
+    keys = [k for k, _ in options]
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate:
+        raise ConfigError(f"--method-option {duplicate}=... is given twice")
+    return FinetuneConfig(**fields, method_options=dict(options))
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from peftcore.train.finetune import run
+
+    run(_config(args))
+    return 0
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    from peftcore.train.compare import DEFAULT_METHODS
+    from peftcore.train.config import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser(
+        "compare",
+        help="run several strategies on the same data and seed; write a table and a plot",
+        description="Run each strategy as a 'peftcore finetune' job on the same data, model, epochs and seed (each in "
+        "its own process, so that peak memory is its own), then write compare.md (a markdown table), compare.json and "
+        "compare.png, and print the table. Each strategy uses its own default learning rate unless --lr is given.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated strategies; default: those installed of {','.join(DEFAULT_METHODS)}")
+    _add_data_options(p, d)
+    _add_strategy_options(p, d)
+    _add_training_options(p, d)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="comparison directory; default: runs/compare-<time>")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing comparison directory")
+    g.add_argument("--in-process", action="store_true", help="run every strategy in this process (faster start; memory not comparable)")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from peftcore.train.compare import compare
+
+    out, overwrite = args.out, args.overwrite
+    args.out, args.overwrite = None, False
+    methods = args.methods.split(",") if args.methods is not None else None
+    result = compare(_config(args), methods, out=out, overwrite=overwrite, isolate=not args.in_process)
+    print()
+    print(result.table)
+    print(f"\nwritten: {result.out / 'compare.md'}, {result.out / 'compare.json'}, {result.out / 'compare.png'}")
+    if result.failed:
+        print(f"peftcore: error: failed: {', '.join(result.failed)} (logs in {result.out / 'logs'})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -71,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"peftcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
     _add_finetune(sub)
+    _add_compare(sub)
     sub.add_parser("methods", help="list the available adapter methods").set_defaults(handler=_run_methods)
     sub.add_parser("backends", help="list kernel backends and whether they are available").set_defaults(handler=_run_backends)
     return parser

@@ -47,7 +47,7 @@ class TextDataset:
 def _read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     suffix = path.suffix.lower()
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # -sig: accept a byte-order mark
             if suffix in {".jsonl", ".json", ".ndjson"}:
                 for number, line in enumerate(fh, start=1):
                     if not line.strip():
@@ -163,23 +163,51 @@ class Batch:
     labels: torch.Tensor
 
 
+def numeric_labels(data: TextDataset) -> list[float]:
+    """The labels as numbers, for regression.
+
+    Raises:
+        DataError: a label that is not a finite number (file and line named).
+    """
+    values = []
+    for i, label in enumerate(data.labels):
+        try:
+            value = float(label)
+        except ValueError:
+            value = float("nan")
+        if value != value or value in (float("inf"), float("-inf")):
+            line = data.lines[i] if data.lines else i + 1
+            raise DataError(f"{data.source}:{line}: label {label!r} is not a number; a regression task needs numeric labels")
+        values.append(value)
+    return values
+
+
 def batches(
     data: TextDataset,
     tokenizer,
-    label_ids: dict[str, int],
+    label_ids: dict[str, int] | None,
     batch_size: int,
     max_length: int = 128,
     shuffle: bool = False,
     seed: int = 0,
 ) -> list[Batch]:
-    """Tokenises ``data`` into padded batches (shuffled with ``seed`` when asked)."""
+    """Tokenises ``data`` into padded batches (shuffled with ``seed`` when asked).
+
+    Args:
+        label_ids: label name -> class id; ``None`` for regression (labels parsed as numbers,
+            float32 targets).
+    """
     order = list(range(len(data)))
     if shuffle:
         random.Random(seed).shuffle(order)
+    numbers = numeric_labels(data) if label_ids is None else None
     out = []
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = tokenizer([data.texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        labels = torch.tensor([label_ids[data.labels[i]] for i in idx], dtype=torch.long)
+        if numbers is not None:
+            labels = torch.tensor([numbers[i] for i in idx], dtype=torch.float32)
+        else:
+            labels = torch.tensor([label_ids[data.labels[i]] for i in idx], dtype=torch.long)
         out.append(Batch(dict(enc), labels))
     return out

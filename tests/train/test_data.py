@@ -61,3 +61,25 @@ def test_stratified_split_is_seeded():
     a, b = data.split_dataset(train, 0.2, seed=1)
     assert len(a) + len(b) == len(train) and len(b) == 5 * round(64 * 0.2)
     assert data.split_dataset(train, 0.2, seed=1)[1].texts == b.texts
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufefftext,label\nhello,a\n".encode("utf-8"))
+    assert data.read_dataset(path).texts == ["hello"]
+
+
+def test_regression_labels_become_floats_and_bad_ones_name_the_line(tmp_path):
+    (tmp_path / "r.csv").write_text("text,label\na,0.5\nb,2\nc,high\n")
+    ds = data.read_dataset(tmp_path / "r.csv")
+    with pytest.raises(DataError, match=r"r.csv:4: label 'high' is not a number"):
+        data.numeric_labels(ds)
+    good = ds.subset([0, 1])
+
+    def tokenizer(texts, **kwargs):
+        import torch
+
+        return {"input_ids": torch.ones(len(texts), 2, dtype=torch.long)}
+
+    batch = data.batches(good, tokenizer, None, batch_size=4)[0]
+    assert batch.labels.dtype.is_floating_point and batch.labels.tolist() == [0.5, 2.0]
