@@ -2,23 +2,19 @@
 // unless a residual is given. Spec: peftcore/ops/bottleneck.py::reference_bottleneck; fake (meta)
 // kernels and the autograd formula are registered from Python (peftcore/ops/bottleneck_cpp.py).
 //
-// The matmuls are ATen's (MKL/oneDNN); what this file adds is the elementwise work fused into one
-// OpenMP pass each (at::parallel_for runs on OpenMP in torch's CPU builds):
-//   forward:  a = act(h) in one pass over (M, r) (h = x W_d^T + b_d is one addmm); then
-//             y = r + scale * (a W_u^T + b_u) in place over the matmul's output, one pass over (M, N)
-//             (no separate bias, scale and residual passes);
-//   backward: grad_h = scale * (grad_y W_u) * act'(h) and a = act(h) (recomputed, never saved) in one
-//             pass over (M, r); the identity path of grad_x is fused into its matmul (addmm).
+// The matmuls and activations are ATen's (MKL/oneDNN GEMMs, vectorised activation kernels); what
+// this op adds is the order that spares passes and temporaries:
+//   forward:  h = x W_d^T + b_d (one addmm), a = act(h) (M, r); y = r + scale b_u in one pass
+//             that writes the output, then the up-projection GEMM accumulates scale a W_u^T into
+//             it (beta = 1): no (M, N) temporary, no separate bias, scale and residual passes;
+//   backward: grad_h = act'(h) * scale (grad_y W_u) and a = act(h) recomputed (never saved);
+//             the identity path of grad_x is fused into its matmul (addmm).
 // Autograd saves x, W_d, W_u and h (M, r): no activation and no (M, N) tensor.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -36,50 +32,35 @@ Act parse_activation(c10::string_view name) {
               "'; expected one of relu, gelu, gelu_tanh, silu");
 }
 
-constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
-constexpr double kSqrt2OverPi = 0.79788456080286535588;  // sqrt(2 / pi)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
-constexpr double kGeluCubic = 0.044715;
-
-// act(h) and act'(h) in the op-math type (float for bf16/fp16/fp32, double for fp64), with the
-// formulas of torch's relu / gelu / gelu(approximate="tanh") / silu and of their backward.
-template <typename T>
-inline T act_forward(Act act, T h) {
+// act(h) and, for backward, grad * act'(h): ATen's own vectorised CPU kernels (the very functions
+// the reference calls), so the activation costs what F.gelu costs and rounds as it does.
+at::Tensor act_forward(Act act, const at::Tensor& h) {
   switch (act) {
     case Act::Relu:
-      return h > T(0) ? h : T(0);
+      return at::relu(h);
     case Act::Gelu:
-      return T(0.5) * h * (T(1) + std::erf(h * T(kSqrtHalf)));
+      return at::gelu(h);
     case Act::GeluTanh:
-      return T(0.5) * h * (T(1) + std::tanh(T(kSqrt2OverPi) * (h + T(kGeluCubic) * h * h * h)));
+      return at::gelu(h, "tanh");
     case Act::Silu:
-      return h / (T(1) + std::exp(-h));
+      return at::silu(h);
   }
   return h;
 }
 
-template <typename T>
-inline T act_derivative(Act act, T h) {
+at::Tensor act_backward(Act act, const at::Tensor& grad, const at::Tensor& h) {
   switch (act) {
     case Act::Relu:
-      return h > T(0) ? T(1) : T(0);
+      return at::threshold_backward(grad, h, 0);
     case Act::Gelu:
-      return T(0.5) * (T(1) + std::erf(h * T(kSqrtHalf))) + h * T(kInvSqrt2Pi) * std::exp(T(-0.5) * h * h);
-    case Act::GeluTanh: {
-      const T t = std::tanh(T(kSqrt2OverPi) * (h + T(kGeluCubic) * h * h * h));
-      return T(0.5) * (T(1) + t) +
-             T(0.5) * h * (T(1) - t * t) * T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * h * h);
-    }
-    case Act::Silu: {
-      const T s = T(1) / (T(1) + std::exp(-h));
-      return s * (T(1) + h * (T(1) - s));
-    }
+      return at::gelu_backward(grad, h);
+    case Act::GeluTanh:
+      return at::gelu_backward(grad, h, "tanh");
+    case Act::Silu:
+      return at::silu_backward(grad, h);
   }
-  return T(1);
+  return grad;
 }
-
-// Rows per OpenMP task: about 32k elements, so that scheduling costs stay negligible.
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
 void check_same_dtype(const at::Tensor& x, const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "peftcore::bottleneck: ", name, " has dtype ", t.scalar_type(),
@@ -124,43 +105,22 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_cpu(const at::Tensor& x, const at:
                                                   const c10::optional<at::Tensor>& residual) {
   check_inputs(x, W_down, b_down, W_up, b_up, residual);
   const Act act = parse_activation(activation);
-  const int64_t M = x.size(0), R = W_down.size(0), N = W_up.size(0);
+  const int64_t M = x.size(0), N = W_up.size(0);
 
   // h = x W_d^T + b_d as one GEMM with the bias (one rounding, as F.linear does: a separate bias
   // add would round twice in bf16 and can flip the sign of h near 0, i.e. relu's gradient).
   at::Tensor h = b_down.has_value() ? at::addmm(*b_down, x, W_down.t()) : at::mm(x, W_down.t());  // (M, R)
-  at::Tensor a = at::empty_like(h);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_bottleneck_act", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    scalar_t* ap = a.data_ptr<scalar_t>();
-    at::parallel_for(0, M, grain_rows(R), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < R; ++j) {
-          ap[i * R + j] = static_cast<scalar_t>(act_forward<opmath_t>(act, static_cast<opmath_t>(hp[i * R + j])));
-        }
-      }
-    });
-  });
-
-  at::Tensor y = at::mm(a, W_up.t());  // (M, N), fresh and contiguous; becomes the output in place
-  const at::Tensor base = residual.has_value() ? residual->contiguous() : x.contiguous();
-  const at::Tensor bu = b_up.has_value() ? b_up->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_bottleneck_residual", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* rp = base.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bu.defined() ? bu.const_data_ptr<scalar_t>() : nullptr;
-    const opmath_t s = static_cast<opmath_t>(scale);
-    at::parallel_for(0, M, grain_rows(N), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t j = 0; j < N; ++j) {
-          const opmath_t delta = static_cast<opmath_t>(yp[i * N + j]) + (bp ? static_cast<opmath_t>(bp[j]) : opmath_t(0));
-          yp[i * N + j] = static_cast<scalar_t>(static_cast<opmath_t>(rp[i * N + j]) + s * delta);
-        }
-      }
-    });
-  });
+  const at::Tensor a = act_forward(act, h);  // (M, R), vectorised
+  // y = (r + scale b_u) + scale a W_u^T: one vectorised pass writes y (residual and bias), then the
+  // GEMM accumulates into it (beta = 1): no (M, N) temporary and no extra pass for the scale.
+  const at::Tensor base = residual.has_value() ? *residual : x;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (b_up.has_value()) {
+    at::add_out(y, base, *b_up, scale);
+  } else {
+    y.copy_(base);
+  }
+  y.addmm_(a, W_up.t(), 1.0, scale);
   return {y, h};
 }
 
@@ -188,31 +148,10 @@ bottleneck_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at:
   const bool need_grad_h = output_mask[0] || output_mask[1] || output_mask[2];
   const bool need_a = output_mask[3];
 
-  at::Tensor grad_h;  // (M, R)
-  at::Tensor a;       // (M, R)
-  const at::Tensor hc = h.contiguous();
-  if (need_grad_h || need_a) {
-    grad_h = need_grad_h ? at::mm(grad_y, W_up) : at::Tensor();  // scale and act' applied below
-    a = need_a ? at::empty_like(hc) : at::Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_bottleneck_bwd_act", [&] {
-      using opmath_t = at::opmath_type<scalar_t>;
-      const scalar_t* hp = hc.const_data_ptr<scalar_t>();
-      scalar_t* gp = grad_h.defined() ? grad_h.data_ptr<scalar_t>() : nullptr;
-      scalar_t* ap = a.defined() ? a.data_ptr<scalar_t>() : nullptr;
-      const opmath_t s = static_cast<opmath_t>(scale);
-      at::parallel_for(0, M, grain_rows(R), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          for (int64_t j = 0; j < R; ++j) {
-            const opmath_t hv = static_cast<opmath_t>(hp[i * R + j]);
-            if (gp) {
-              gp[i * R + j] = static_cast<scalar_t>(s * static_cast<opmath_t>(gp[i * R + j]) * act_derivative(act, hv));
-            }
-            if (ap) ap[i * R + j] = static_cast<scalar_t>(act_forward(act, hv));
-          }
-        }
-      });
-    });
-  }
+  // grad_h = act'(h) * (scale grad_y W_u) and a = act(h) (recomputed, never saved), both with
+  // ATen's vectorised activation kernels.
+  const at::Tensor grad_h = need_grad_h ? act_backward(act, at::mm(grad_y, W_up).mul_(scale), h) : at::Tensor();
+  const at::Tensor a = need_a ? act_forward(act, h) : at::Tensor();
 
   c10::optional<at::Tensor> grad_x, grad_Wd, grad_bd, grad_Wu, grad_bu;
   if (output_mask[0]) grad_x = residual_is_x ? at::addmm(grad_y, grad_h, W_down) : at::mm(grad_h, W_down);

@@ -140,12 +140,39 @@ def cpp_lora_linear(
         seed = _ZERO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)
     elif seed.device.type != "cpu" or seed.dtype != torch.int64:
         seed = seed.to("cpu", torch.int64)
+    if _merged_is_cheaper(x, weight, A, dropout_p):
+        return _merged_forward(x, weight, bias, A, B, float(scale))
     args = (x, weight, bias, A, B, float(scale), float(dropout_p), seed)
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         y, _ = torch.ops.peftcore.lora_linear.default(*args)
     else:
         y, _ = LoRALinearFunction.apply(*args)
     return y
+
+
+def _merged_is_cheaper(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, dropout_p: float) -> bool:
+    """Whether an inference call should fold the update into a temporary weight instead.
+
+    Without autograd and dropout, ``x (W + scale B A)^T`` equals the op's result. Forming the
+    temporary weight costs ``N K r`` multiply-adds and one weight-sized buffer (freed on return);
+    the low-rank path costs ``M (K + N) r`` and a pass over the output. So for batches with more
+    rows than ``N K / (K + N)`` (a few hundred for a BERT layer) the merged form is cheaper; for
+    few rows (decoding one token) the low-rank path is. Only fp32/fp64: in bf16/fp16 a small
+    update vanishes when rounded into the weight (8 or 11 mantissa bits), so those keep the
+    low-rank path. The user's weights are never touched.
+    """
+    if dropout_p != 0.0 or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if x.dtype not in (torch.float32, torch.float64):
+        return False
+    M, K = x.shape
+    N = weight.shape[0]
+    return N * K <= M * (K + N)
+
+
+def _merged_forward(x, weight, bias, A, B, scale: float) -> torch.Tensor:
+    merged = torch.addmm(weight, B, A, alpha=scale)  # W + scale B A, a fresh (N, K) buffer
+    return torch.addmm(bias, x, merged.t()) if bias is not None else torch.mm(x, merged.t())
 
 
 class _CppKernel:

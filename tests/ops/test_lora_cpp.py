@@ -204,3 +204,23 @@ def test_bad_inputs_raise_clear_errors(change, message):
 def test_kernel_object_reports_available():
     assert lora_cpp.CPP.available() == (True, "")
     assert lora_cpp.CPP.devices == ("cpu",) and lora_cpp.CPP.priority > lora.REFERENCE.priority
+
+
+@pytest.mark.parametrize("lead, dtype, merged", [
+    ((600,), torch.float32, True),   # many rows: the update is folded into a temporary weight
+    ((4, 150), torch.float64, True),
+    ((3,), torch.float32, False),    # few rows (decoding): the low-rank path
+    ((600,), torch.bfloat16, False),  # bf16 would round a small update away: the low-rank path
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_without_grad_matches_reference(lead, dtype, merged, bias):
+    x, W, b, A, B = _inputs(lead, 48, 40, 4, dtype, bias=bias)
+    W_before = W.clone()
+    with torch.no_grad():
+        assert lora_cpp._merged_is_cheaper(x.reshape(-1, 48), W, A, 0.0) is merged
+        got = _cpp(x, W.t().contiguous().t(), b, A, B, 1.5, 0.0, 0)  # a transposed view, as GPT-2's Conv1D
+        want = lora.reference_lora_linear(x, W, b, A, B, 1.5)
+        assert not lora_cpp._merged_is_cheaper(x.reshape(-1, 48), W, A, 0.1)  # dropout keeps the op
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got, want) <= TOLERANCE[dtype]
+    assert torch.equal(W, W_before)
