@@ -1,0 +1,117 @@
+"""The summary table printed at the end of ``python -m pytest bench/ --benchmark-only``.
+
+Targets (issue 3, 2 CPU cores): peftcore's training step at most 0.70 x HF PEFT's (dropout 0.1)
+and at most 1.10 x the frozen-base floor; peftcore's extra peak memory over the floor at most
+0.4 x HF PEFT's extra; an unmerged adapter's inference at most 1.08 x the base forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from pathlib import Path
+
+LABELS = {
+    "floor": "frozen-base floor (gradient to the input embeddings)",
+    "hf_peft_p0.1": "HF PEFT LoRA, dropout 0.1",
+    "hf_peft_p0": "HF PEFT LoRA, dropout 0",
+    "full": "full fine-tuning",
+    "peftcore_p0.1": "peftcore LoRA, dropout 0.1",
+    "peftcore_p0": "peftcore LoRA, dropout 0",
+    "peftcore_ref_p0.1": "peftcore LoRA, dropout 0.1, reference backend",
+}
+INFERENCE_LABELS = {"base": "base model", "peftcore": "peftcore, unmerged adapter", "hf_peft": "HF PEFT, unmerged adapter"}
+
+
+@dataclasses.dataclass
+class Results:
+    """What the benchmarks measured in this run (seconds, MiB)."""
+
+    step_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median
+    step_min_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    interleaved_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median, setups alternating
+    peak_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    inference_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # shape, backend, pass, median, min
+    bottleneck_ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # the same
+
+    def empty(self) -> bool:
+        return not (self.step_s or self.interleaved_s or self.peak_mb or self.inference_s or self.ops or self.bottleneck_ops)
+
+    # -- targets -----------------------------------------------------------------------------
+    def targets(self) -> list[tuple[str, float | None, float]]:
+        """(what, measured ratio or None, limit)."""
+        s, m, i = self.step_s, self.peak_mb, self.inference_s
+        ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+        extra = lambda k: m[k] - m["floor"] if k in m and "floor" in m else None  # noqa: E731
+        il = self.interleaved_s
+        return [
+            ("peftcore step / HF PEFT step (dropout 0.1)", ratio(s.get("peftcore_p0.1"), s.get("hf_peft_p0.1")), 0.70),
+            ("peftcore step / floor step", ratio(s.get("peftcore_p0.1"), s.get("floor")), 1.10),
+            ("  the same, setups interleaved: / HF PEFT", ratio(il.get("peftcore_p0.1"), il.get("hf_peft_p0.1")), 0.70),
+            ("  the same, setups interleaved: / floor", ratio(il.get("peftcore_p0.1"), il.get("floor")), 1.10),
+            ("peftcore extra peak RSS / HF PEFT extra (dropout 0.1)",
+             ratio(extra("peftcore_p0.1"), extra("hf_peft_p0.1")), 0.40),
+            ("peftcore unmerged inference / base forward", ratio(i.get("peftcore"), i.get("base")), 1.08),
+        ]
+
+    def render(self, threads: int) -> str:
+        lines = [f"machine: {platform.processor() or platform.machine()}, torch threads: {threads}", ""]
+        if self.step_s or self.peak_mb:
+            floor_s, floor_mb = self.step_s.get("floor"), self.peak_mb.get("floor")
+            lines += ["training step, all-MiniLM-L6-v2 seq. classification, batch 16 x 128, LoRA r8 a16 on q/k/v/dense",
+                      f"{'setup':<52} {'median step':>12} {'x floor':>8} {'min step':>9} {'peak RSS':>10} {'extra':>8}"]
+            for key, label in LABELS.items():
+                if key not in self.step_s and key not in self.peak_mb:
+                    continue
+                t, mb, t_min = self.step_s.get(key), self.peak_mb.get(key), self.step_min_s.get(key)
+                lines.append(
+                    f"{label:<52} {_fmt(t, '{:.3f} s'):>12} {_fmt(t and floor_s and t / floor_s, '{:.2f}'):>8} "
+                    f"{_fmt(t_min, '{:.3f} s'):>9} {_fmt(mb, '{:.0f} MB'):>10} "
+                    f"{_fmt(mb is not None and floor_mb and mb - floor_mb, '{:+.0f}'):>8}"
+                )
+            lines.append("")
+        if self.interleaved_s:
+            base = self.interleaved_s.get("floor")
+            lines.append("training step, the setups below alternating step by step in one process (drift cancels)")
+            for key, t in self.interleaved_s.items():
+                lines.append(f"{LABELS[key]:<52} {t:>10.3f} s {_fmt(base and t / base, '{:.2f}'):>8}")
+            lines.append("")
+        if self.inference_s:
+            base = self.inference_s.get("base")
+            lines.append("inference, batch 32 x 64, eval, no_grad")
+            for key, label in INFERENCE_LABELS.items():
+                if key in self.inference_s:
+                    t = self.inference_s[key]
+                    lines.append(f"{label:<52} {t * 1e3:>9.1f} ms {_fmt(base and t / base, '{:.3f}'):>8}")
+            lines.append("")
+        checks = [(what, value, limit) for what, value, limit in self.targets() if value is not None]
+        if checks:
+            lines.append("targets")
+            for what, value, limit in checks:
+                verdict = "met" if value <= limit else "NOT met"
+                lines.append(f"{what:<56} {value:>6.2f}  (<= {limit:.2f})  {verdict}")
+            lines.append("")
+        if self.ops:
+            lines.append(f"lora_linear per op, fp32, rank 8, dropout 0.1    {'median ms':>10} {'min ms':>8}")
+            for shape, backend, which, t, t_min in self.ops:
+                lines.append(f"  {shape:<30} {backend:<10} {which:<8} {t * 1e3:10.2f} {t_min * 1e3:8.2f}")
+            lines.append("")
+        if self.bottleneck_ops:
+            lines.append(f"bottleneck per op, fp32, GELU                    {'median ms':>10} {'min ms':>8}")
+            for shape, backend, which, t, t_min in self.bottleneck_ops:
+                lines.append(f"  {shape:<30} {backend:<10} {which:<8} {t * 1e3:10.2f} {t_min * 1e3:8.2f}")
+        return "\n".join(lines)
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+
+def _fmt(value, pattern: str) -> str:
+    if value is None or value is False:
+        return "-"
+    return pattern.format(value)
+
+
+RESULTS = Results()

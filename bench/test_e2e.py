@@ -1,0 +1,88 @@
+"""End to end: training step time and peak memory per setup, and inference with an unmerged
+adapter (the setups are in ``bench/e2e.py``; the summary table prints at the end of the run).
+
+Step time: pytest-benchmark, in this process (``PEFTCORE_BENCH_ROUNDS`` rounds after 2 warm-up
+steps, median). Peak memory: the peak RSS of a fresh subprocess that builds the same setup and
+runs 3 steps (its ``VmHWM``, see ``e2e.peak_rss_mb``), since a process's peak cannot be reset
+once reached.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import e2e
+
+HERE = Path(__file__).resolve().parent
+ROUNDS = int(os.environ.get("PEFTCORE_BENCH_ROUNDS", "10"))
+# The comparisons that matter sit next to each other, so machine drift affects them least.
+ORDER = ("floor", "peftcore_p0.1", "hf_peft_p0.1", "hf_peft_p0", "peftcore_p0", "full", "peftcore_ref_p0.1")
+assert set(ORDER) == set(e2e.SETUPS)
+
+
+def _peak_rss_mb(setup: str) -> float:
+    env = dict(os.environ, PEFTCORE_BENCH_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, str(HERE / "e2e.py"), setup, "--steps", "3", "--warmup", "1"],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/e2e.py {setup} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+@pytest.mark.parametrize("setup", ORDER)
+def test_training_step(benchmark, results, setup):
+    built = e2e.build(setup)
+    slow = setup.startswith("peftcore_ref")  # the reference backend is the slow specification
+    benchmark.group = "training step"
+    benchmark.extra_info["trainable_parameters"] = built.trainable
+    benchmark.pedantic(built.step, rounds=3 if slow else ROUNDS, warmup_rounds=1 if slow else 2, iterations=1)
+    results.step_s[setup] = benchmark.stats.stats.median
+    results.step_min_s[setup] = benchmark.stats.stats.min
+    del built
+    gc.collect()
+    results.peak_mb[setup] = benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb(setup)
+
+
+def test_interleaved_training_steps(benchmark, results):
+    """floor, peftcore and HF PEFT alternating step by step: on a shared machine, load that comes
+    and goes hits all three alike, so their ratios are steadier than across separate tests.
+    The benchmark's own number is one round (a step of each)."""
+    names = ("floor", "peftcore_p0.1", "hf_peft_p0.1")
+    data = e2e.batch()
+    setups = {name: e2e.build(name, data) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+
+    def one_round():
+        for name, built in setups.items():
+            start = time.perf_counter()
+            built.step()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.group = "training step, interleaved"
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    for name in names:
+        results.interleaved_s[name] = statistics.median(times[name][2:])  # warm-up rounds dropped
+    benchmark.extra_info.update({f"median_{name}_s": results.interleaved_s[name] for name in names})
+
+
+@pytest.mark.parametrize("setup", ["base", "peftcore", "hf_peft"])
+def test_inference(benchmark, results, setup):
+    model, data = e2e.build_inference(setup)
+    benchmark.group = "inference"
+
+    def forward():
+        with torch.no_grad():
+            return model(**data).logits
+
+    benchmark.pedantic(forward, rounds=ROUNDS * 2, warmup_rounds=3, iterations=1)
+    results.inference_s[setup] = benchmark.stats.stats.median
