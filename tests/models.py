@@ -91,3 +91,55 @@ def mlp(seed: int = 0) -> MLP:
 
 
 FAMILIES = {"minilm": (minilm, minilm_inputs), "gpt2": (gpt2, token_inputs), "llama": (llama, token_inputs)}
+
+
+# -- helpers shared by the method tests -------------------------------------------------------------
+def perturb(module: nn.Module, scale: float = 0.5, seed: int = 1) -> None:
+    """Adds seeded noise to every parameter of ``module`` (an adapter's holder module)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def all_hooks(model: nn.Module) -> list:
+    """Every forward and forward-pre hook on any module of ``model``."""
+    found = []
+    for module in model.modules():
+        for table in ("_forward_pre_hooks", "_forward_hooks"):
+            found += list(module.__dict__.get(table, {}).values())
+    return found
+
+
+def greedy_by_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forward passes (no cache), positions counted over real tokens."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def assert_training_lowers_the_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, *, steps: int = 6,
+                                    lr: float = 0.1, margin: float = 0.04) -> None:
+    """A few Adam steps on one batch lower the eval loss by ``margin``, and frozen weights stay put."""
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def eval_loss():
+        model.eval()
+        with torch.no_grad():
+            return model(**inputs, labels=labels).loss.item()
+
+    before = eval_loss()
+    for _ in range(steps):
+        model.train()
+        loss = model(**inputs, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert after < before - margin, (before, after)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import peftcore
-from models import FAMILIES, gpt2, minilm, minilm_inputs, mlp, output_of, token_inputs
+from models import FAMILIES, gpt2, minilm, mlp, output_of
 
 
 def _family(name):

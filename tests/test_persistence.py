@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftcore
-from models import FAMILIES, minilm, minilm_inputs, output_of
+from models import FAMILIES, minilm, output_of
 from test_lifecycle import _assert_unchanged, _fingerprint, _perturb_adapters
 
 

@@ -10,7 +10,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 import peftcore
 from models import gpt2, llama, minilm, minilm_inputs, mlp
@@ -64,7 +63,7 @@ def test_tiny_model_is_deterministic_and_leaves_the_global_rng_alone():
 def _broken(name: str, layer_base: type = LoraLinear, method_class: type = LayerMethod, **method_fields):
     """Registers a LoRA variant called ``name`` (its layer class derived from ``layer_base``)."""
     layer = type(f"{name}_layer", (layer_base,), {"method": name})
-    handler = dataclasses.replace(LINEAR, method=name, layer_class=layer)
+    handler = dataclasses.replace(LINEAR, method=name, layer=layer)
     method = method_class(name=name, config_class=LoraConfig, **{"merges": True, **method_fields})
     return handler, method
 

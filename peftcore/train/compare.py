@@ -186,7 +186,7 @@ def compare(
 def _write(target: Path, base: FinetuneConfig, rows: list[dict], table: str, missing: list[str], isolate: bool) -> None:
     dataset = base.data or "the bundled peftcore topics dataset"
     notes = [
-        f"# peftcore compare\n",
+        "# peftcore compare\n",
         f"Data: {dataset}; model: {base.model or 'all-MiniLM-L6-v2'}; {base.epochs} epochs, batch {base.batch_size}, "
         f"{base.schedule} schedule, seed {base.seed}, {base.threads or torch.get_num_threads()} torch threads"
         + (f" (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})." if "OMP_NUM_THREADS" in os.environ else "."),

@@ -7,10 +7,12 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 import peftcore
-from models import gpt2, llama, minilm, minilm_inputs, mlp, output_of, token_inputs
+from models import (
+    FAMILIES, all_hooks, assert_training_lowers_the_loss, gpt2, greedy_by_forward, llama, minilm, minilm_inputs, mlp, output_of, perturb,
+    token_inputs,
+)
 from peftcore.tuners.prefix import PrefixConfig, calls
 from peftcore.tuners.prefix.encoder import PrefixTuning
 
@@ -23,21 +25,6 @@ def _holder(model) -> PrefixTuning:
 
 def _set_prefix(model, keys, values, name="default"):
     model.peftcore_prefix.adapters[name].load_materialised(keys, values)
-
-
-def _perturb(model, scale=0.5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.peftcore_prefix.named_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def _all_hooks(model):
-    found = []
-    for module in model.modules():
-        for table in ("_forward_pre_hooks", "_forward_hooks"):
-            found += list(module.__dict__.get(table, {}).values())
-    return found
 
 
 def _prompt_cache(model, prompt):
@@ -123,17 +110,6 @@ def test_prefix_is_sized_from_key_value_heads(family, kv_heads):
 
 
 # -- generate and caches ------------------------------------------------------------------------------
-def _greedy_by_forward(model, ids, mask, steps):
-    """Greedy decoding by full forward passes (no cache), positions counted over real tokens."""
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_generate_equals_step_by_step_forward(family):
     model = DECODERS[family]()
@@ -144,17 +120,17 @@ def test_greedy_generate_equals_step_by_step_forward(family):
     with torch.no_grad():
         base = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     peftcore.wrap(model, "prefix", virtual_tokens=4)
-    _perturb(model, scale=2.0)
+    perturb(model.peftcore_prefix, scale=2.0)
     with torch.no_grad():
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _greedy_by_forward(model, ids, mask, 6))
+    assert torch.equal(generated, greedy_by_forward(model, ids, mask, 6))
     assert not torch.equal(generated, base)  # the prefix steers generation
 
 
 def test_a_returned_cache_continues_and_is_checked():
     model = llama()
     peftcore.wrap(model, "prefix", virtual_tokens=3)
-    _perturb(model)
+    perturb(model.peftcore_prefix)
     ids = token_inputs(length=8)["input_ids"]
     with torch.no_grad():
         full = model(ids).logits
@@ -171,7 +147,6 @@ def test_a_returned_cache_continues_and_is_checked():
 
 
 # -- lifecycle -----------------------------------------------------------------------------------------
-FAMILIES = {"minilm": (minilm, minilm_inputs), "gpt2": (gpt2, token_inputs), "llama": (llama, token_inputs)}
 
 
 # the conformance kit (below) also saves and loads an unprojected prefix on tiny BERT, GPT-2 and Llama
@@ -181,7 +156,7 @@ def test_save_load_reproduces_outputs_and_unwrap_restores_the_base(family, proje
     model, inputs = factory(), make_inputs()
     base_out, base_keys = output_of(model, inputs), set(model.state_dict())
     peftcore.wrap(model, "prefix", virtual_tokens=4, projection=projection)
-    _perturb(model, scale=0.1)
+    perturb(model.peftcore_prefix, scale=0.1)
     adapted = output_of(model, inputs)
     assert not torch.allclose(adapted, base_out)
     with peftcore.disabled(model):
@@ -200,7 +175,7 @@ def test_save_load_reproduces_outputs_and_unwrap_restores_the_base(family, proje
     assert {n.rsplit(".", 1)[-1] for n, _ in fresh.peftcore_prefix.named_parameters()} == {"keys", "values"}
 
     peftcore.unwrap(model)
-    assert not hasattr(model, "peftcore_prefix") and not _all_hooks(model)
+    assert not hasattr(model, "peftcore_prefix") and not all_hooks(model)
     assert set(model.state_dict()) == base_keys
     torch.testing.assert_close(output_of(model, inputs), base_out, rtol=0, atol=0)
 
@@ -245,12 +220,12 @@ def test_several_named_adapters_one_active_at_a_time():
 def test_deepcopy_and_pickle_keep_the_prefix_working():
     model, inputs = gpt2(), token_inputs()
     peftcore.wrap(model, "prefix", virtual_tokens=3)
-    _perturb(model)
+    perturb(model.peftcore_prefix)
     expected = output_of(model, inputs)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(output_of(clone, inputs), expected, rtol=0, atol=0)
         peftcore.unwrap(clone)
-        assert not _all_hooks(clone)
+        assert not all_hooks(clone)
     torch.testing.assert_close(output_of(model, inputs), expected, rtol=0, atol=0)  # the original keeps its hook
     buffer = io.BytesIO()
     torch.save(model, buffer)
@@ -284,24 +259,7 @@ def test_a_few_steps_lower_the_loss(family):
     model, inputs = factory(), make_inputs()
     labels = torch.tensor([0, 2]) if family == "minilm" else inputs["input_ids"]
     peftcore.wrap(model, "prefix", virtual_tokens=4)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
-
-    def eval_loss():
-        model.eval()
-        with torch.no_grad():
-            return model(**inputs, labels=labels).loss.item()
-
-    before = eval_loss()
-    for _ in range(6):
-        model.train()
-        loss = model(**inputs, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
-    assert after < before - 0.04, (before, after)
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert_training_lowers_the_loss(model, inputs, labels)
 
 
 # -- errors leave the model as it was ---------------------------------------------------------------
@@ -311,7 +269,7 @@ def test_attention_without_a_cache_is_refused_naming_the_module():
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=16, hidden_dim=32, n_layers=1, n_heads=2))
     with pytest.raises(peftcore.UnsupportedModuleError, match=r"attention module 'distilbert\.transformer\.layer\.0\.attention' .*DistilBertSelfAttention.* cannot take a cache"):
         peftcore.wrap(model, "prefix")
-    assert not hasattr(model, "peftcore_prefix") and not _all_hooks(model)
+    assert not hasattr(model, "peftcore_prefix") and not all_hooks(model)
 
 
 def test_plain_modules_and_target_options_are_refused():
@@ -331,7 +289,7 @@ def test_a_failed_wrap_leaves_no_hook(monkeypatch):
     monkeypatch.setattr(peftcore.registry, "method_provider", broken)
     with pytest.raises(RuntimeError, match="provider lookup failed"):
         peftcore.wrap(model, "prefix")
-    assert not _all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
+    assert not all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
     torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)
 
 
@@ -347,7 +305,7 @@ def test_a_failed_load_leaves_the_model_unchanged(tmp_path):
     before = output_of(other, inputs)
     with pytest.raises(peftcore.CheckpointError, match=r"saved shape \(2, 4, 3, 8\), model expects \(2, 2, 3, 16\)"):
         peftcore.load(other, tmp_path / "a")
-    assert not hasattr(other, "peftcore_prefix") and not _all_hooks(other) and not hasattr(other, "_peftcore")
+    assert not hasattr(other, "peftcore_prefix") and not all_hooks(other) and not hasattr(other, "_peftcore")
     torch.testing.assert_close(output_of(other, inputs), before, rtol=0, atol=0)
 
 
@@ -379,7 +337,7 @@ def test_config_validation():
 def test_positional_call_arguments_are_read_by_name():
     model, inputs = gpt2(), token_inputs()
     peftcore.wrap(model, "prefix", virtual_tokens=2)
-    _perturb(model)
+    perturb(model.peftcore_prefix)
     with torch.no_grad():
         # GPT2LMHeadModel.forward(input_ids, past_key_values, attention_mask, ...)
         torch.testing.assert_close(model(inputs["input_ids"], None, inputs["attention_mask"]).logits, output_of(model, inputs))

@@ -9,30 +9,17 @@ import torch
 from torch import nn
 
 import peftcore
-from models import gpt2, llama, minilm, minilm_inputs, minilm_tokenizer, mlp, output_of, token_inputs
+from models import (
+    FAMILIES, all_hooks, assert_training_lowers_the_loss, gpt2, greedy_by_forward, llama, minilm, minilm_inputs, minilm_tokenizer, mlp,
+    output_of, perturb, token_inputs,
+)
 from peftcore.tuners.prompt import PromptConfig
 
-FAMILIES = {"minilm": (minilm, minilm_inputs), "gpt2": (gpt2, token_inputs), "llama": (llama, token_inputs)}
 DECODERS = {"gpt2": gpt2, "llama": llama}
 
 
 def _prompt(model, name="default") -> nn.Parameter:
     return model.peftcore_prompt.embeddings[name]
-
-
-def _perturb(model, scale=0.5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.peftcore_prompt.named_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def _all_hooks(model):
-    found = []
-    for module in model.modules():
-        for table in ("_forward_pre_hooks", "_forward_hooks"):
-            found += list(module.__dict__.get(table, {}).values())
-    return found
 
 
 def _by_hand(model, inputs, prompt):
@@ -53,7 +40,7 @@ def test_prompt_equals_virtual_embeddings_put_in_front_by_hand(family):
     factory, make_inputs = FAMILIES[family]
     model, inputs = factory(), make_inputs()
     peftcore.wrap(model, "prompt", virtual_tokens=3)
-    _perturb(model, scale=0.05)
+    perturb(model.peftcore_prompt, scale=0.05)
     got = output_of(model, inputs)
     torch.testing.assert_close(got, _by_hand(model, inputs, _prompt(model).detach()), rtol=1e-5, atol=1e-5)
     assert got.shape == (2, 3 + 7, 128)  # token-level outputs: V virtual positions in front
@@ -62,7 +49,7 @@ def test_prompt_equals_virtual_embeddings_put_in_front_by_hand(family):
 def test_language_model_labels_ignore_the_virtual_positions():
     model, inputs = gpt2(), token_inputs()
     peftcore.wrap(model, "prompt", virtual_tokens=4)
-    _perturb(model)
+    perturb(model.peftcore_prompt)
     labels = inputs["input_ids"].clone()
     labels[0, 2] = -100
     out = model(**inputs, labels=labels)
@@ -76,7 +63,7 @@ def test_language_model_labels_ignore_the_virtual_positions():
 def test_position_and_token_type_ids_follow_the_virtual_tokens():
     model, inputs = minilm(), minilm_inputs()
     peftcore.wrap(model, "prompt", virtual_tokens=2)
-    _perturb(model, scale=0.05)
+    perturb(model.peftcore_prompt, scale=0.05)
     positions = torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)
     # explicit positions 0..T-1 for the real tokens become V..V+T-1, as the model counts them itself
     torch.testing.assert_close(output_of(model, {**inputs, "position_ids": positions}), output_of(model, inputs), rtol=1e-5, atol=1e-6)
@@ -121,22 +108,12 @@ def test_text_init_without_a_tokenizer_is_a_clear_error():
     model = gpt2()  # built from a config: no directory to find a tokenizer in
     with pytest.raises(peftcore.ConfigError, match="needs a tokenizer: pass tokenizer="):
         peftcore.wrap(model, "prompt", init="hello there")
-    assert not hasattr(model, "peftcore_prompt") and not _all_hooks(model)
+    assert not hasattr(model, "peftcore_prompt") and not all_hooks(model)
     with pytest.raises(peftcore.ConfigError, match="outside the model's vocabulary of 128"):
         peftcore.wrap(model, "prompt", init="hello there", tokenizer=minilm_tokenizer())
 
 
 # -- generate and caches ----------------------------------------------------------------------------------
-def _greedy_by_forward(model, ids, mask, steps):
-    for _ in range(steps):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("family, with_prefix", [("gpt2", False), ("llama", False), ("llama", True)])
 def test_greedy_generate_equals_step_by_step_forward(family, with_prefix):
     model = DECODERS[family]()
@@ -151,18 +128,18 @@ def test_greedy_generate_equals_step_by_step_forward(family, with_prefix):
         peftcore.wrap(model, "prefix", name="prefix", virtual_tokens=2, init="random")
         names.append("prefix")
     peftcore.wrap(model, "prompt", name="prompt", virtual_tokens=3)
-    _perturb(model, scale=1.0)
+    perturb(model.peftcore_prompt, scale=1.0)
     peftcore.activate(model, names)
     with torch.no_grad():
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _greedy_by_forward(model, ids, mask, 6))
+    assert torch.equal(generated, greedy_by_forward(model, ids, mask, 6))
     assert not torch.equal(generated, base)
 
 
 def test_a_returned_cache_continues_and_is_checked():
     model = gpt2()
     peftcore.wrap(model, "prompt", virtual_tokens=3)
-    _perturb(model)
+    perturb(model.peftcore_prompt)
     ids = token_inputs(length=8)["input_ids"]
     with torch.no_grad():
         full = model(ids).logits
@@ -182,7 +159,7 @@ def test_save_load_reproduces_outputs_and_unwrap_restores_the_base(family, tmp_p
     base_out, base_keys = output_of(model, inputs), set(model.state_dict())
     init = "sports and weather" if family == "minilm" else "vocab"
     peftcore.wrap(model, "prompt", virtual_tokens=4, init=init)
-    _perturb(model, scale=0.05)
+    perturb(model.peftcore_prompt, scale=0.05)
     adapted = output_of(model, inputs)
     with peftcore.disabled(model):
         torch.testing.assert_close(output_of(model, inputs), base_out, rtol=0, atol=0)
@@ -197,7 +174,7 @@ def test_save_load_reproduces_outputs_and_unwrap_restores_the_base(family, tmp_p
     peftcore.load(fresh, tmp_path / "a")
     torch.testing.assert_close(output_of(fresh, inputs), adapted, rtol=0, atol=0)
     peftcore.unwrap(model)
-    assert not hasattr(model, "peftcore_prompt") and not _all_hooks(model)
+    assert not hasattr(model, "peftcore_prompt") and not all_hooks(model)
     assert set(model.state_dict()) == base_keys
     torch.testing.assert_close(output_of(model, inputs), base_out, rtol=0, atol=0)
 
@@ -249,7 +226,7 @@ def test_deepcopy_and_pickle_keep_the_prompt_working():
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         torch.testing.assert_close(output_of(clone, inputs), expected, rtol=0, atol=0)
         peftcore.unwrap(clone)
-        assert not _all_hooks(clone)
+        assert not all_hooks(clone)
     torch.testing.assert_close(output_of(model, inputs), expected, rtol=0, atol=0)
 
 
@@ -259,24 +236,7 @@ def test_a_few_steps_lower_the_loss(family):
     model, inputs = factory(), make_inputs()
     labels = torch.tensor([0, 2]) if family == "minilm" else inputs["input_ids"]
     peftcore.wrap(model, "prompt", virtual_tokens=4)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
-
-    def eval_loss():
-        model.eval()
-        with torch.no_grad():
-            return model(**inputs, labels=labels).loss.item()
-
-    before = eval_loss()
-    for _ in range(6):
-        model.train()
-        loss = model(**inputs, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = eval_loss()
-    assert after < before - 0.04, (before, after)
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert_training_lowers_the_loss(model, inputs, labels)
 
 
 # -- errors -------------------------------------------------------------------------------------------------
@@ -297,7 +257,7 @@ def test_a_failed_wrap_leaves_no_hook(monkeypatch):
     monkeypatch.setattr(peftcore.registry, "method_provider", broken)
     with pytest.raises(RuntimeError, match="provider lookup failed"):
         peftcore.wrap(model, "prompt")
-    assert not _all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
+    assert not all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
     torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)
 
 

@@ -24,6 +24,7 @@ import dataclasses
 from torch import nn
 
 from peftcore import targeting
+from peftcore.tuners.modules import is_hf_conv1d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +103,11 @@ def parallel_input(target: str, blocks: list[Block]) -> str:
 
 
 # -- widths -----------------------------------------------------------------------------------------
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
 def _linear_widths(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of a linear-like leaf (``nn.Linear``, transformers ``Conv1D``), else None."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if _is_hf_conv1d(module):
+    if is_hf_conv1d(module):
         return int(module.weight.shape[0]), int(module.nf)  # weight stored (in, out)
     return None
 

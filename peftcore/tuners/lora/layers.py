@@ -16,9 +16,8 @@ ConvNd (out, in, *k)  (r, in, *k)          (out, r, 1, ...)
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from torch import nn
 from peftcore.errors import AdapterStateError, ConfigError, PeftcoreError
 from peftcore.tuners.base import AdapterLayer
 from peftcore.tuners.lora.config import LoraConfig
+from peftcore.tuners.modules import Handler, is_conv, is_hf_conv1d, is_linear, plain_subclass
 from peftcore.ops import dispatch, philox
 from peftcore.ops.lora import OP, lora_linear, new_seed_tensor
 
@@ -331,52 +331,10 @@ class LoraConv(LoraLayer):
         return y
 
 
-def _plain_subclass(module: nn.Module, cls: type) -> bool:
-    """``module`` is a ``cls`` whose forward is ``cls.forward`` (not a quantized or custom variant)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
-
-
-def _is_linear(module: nn.Module) -> bool:
-    # MultiheadAttention reads out_proj.weight directly and never calls its forward.
-    return _plain_subclass(module, nn.Linear) and type(module).__name__ != "NonDynamicallyQuantizableLinear"
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-def _is_conv(module: nn.Module) -> bool:
-    if not any(_plain_subclass(module, c) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return False
-    return module.groups == 1 and module.padding_mode == "zeros"
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraHandler:
-    """Attaches LoRA to one kind of module (entry-point group ``peftcore.layers``)."""
-
-    kind: str
-    predicate: Callable[[nn.Module], bool]
-    layer_class: type
-    linear_like: bool = False
-    priority: int = 0
-    method: str = "lora"
-    peftcore_api: int = 1
-
-    def matches(self, module: nn.Module) -> bool:
-        return self.predicate(module)
-
-    def wrap(self, module: nn.Module) -> LoraLayer:
-        return self.layer_class(module)
-
-    def describe(self) -> str:
-        return self.kind
-
-
-LINEAR = LoraHandler("torch.nn.Linear", _is_linear, LoraLinear, linear_like=True)
-HF_CONV1D = LoraHandler("transformers Conv1D", _is_hf_conv1d, LoraHFConv1D, linear_like=True)
-EMBEDDING = LoraHandler("torch.nn.Embedding", lambda m: _plain_subclass(m, nn.Embedding), LoraEmbedding)
-CONV1D = LoraHandler("torch.nn.Conv1d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv1d), LoraConv)
-CONV2D = LoraHandler("torch.nn.Conv2d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv2d), LoraConv)
-CONV3D = LoraHandler("torch.nn.Conv3d (groups=1, zero padding)", lambda m: _is_conv(m) and isinstance(m, nn.Conv3d), LoraConv)
+# The layer handlers of entry-point group peftcore.layers (entries lora.<name>).
+LINEAR = Handler("torch.nn.Linear", is_linear, LoraLinear, method="lora", linear_like=True)
+HF_CONV1D = Handler("transformers Conv1D", is_hf_conv1d, LoraHFConv1D, method="lora", linear_like=True)
+EMBEDDING = Handler("torch.nn.Embedding", lambda m: plain_subclass(m, nn.Embedding), LoraEmbedding, method="lora")
+CONV1D = Handler("torch.nn.Conv1d (groups=1, zero padding)", lambda m: is_conv(m) and isinstance(m, nn.Conv1d), LoraConv, method="lora")
+CONV2D = Handler("torch.nn.Conv2d (groups=1, zero padding)", lambda m: is_conv(m) and isinstance(m, nn.Conv2d), LoraConv, method="lora")
+CONV3D = Handler("torch.nn.Conv3d (groups=1, zero padding)", lambda m: is_conv(m) and isinstance(m, nn.Conv3d), LoraConv, method="lora")

@@ -7,7 +7,7 @@ the child module ``peftcore_prefix`` (:class:`~peftcore.tuners.prefix.encoder.Pr
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

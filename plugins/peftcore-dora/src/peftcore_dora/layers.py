@@ -17,9 +17,9 @@ the norm's backward at no measurable cost in accuracy) and HF PEFT does.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import nn
 
 from peftcore.errors import AdapterStateError
 from peftcore.tuners.base import AdapterLayer
+from peftcore.tuners.modules import Handler, is_hf_conv1d, is_linear
 
 #: |m| below this cannot be divided back out of merged weights.
 UNMERGE_MIN_ABS = 1e-12
@@ -178,43 +179,7 @@ class DoraLayer(AdapterLayer):
         return f"ranks={ranks}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
 
 
-def is_linear(module: nn.Module) -> bool:
-    """A plain ``nn.Linear`` (not a subclass with its own forward, e.g. a quantized one)."""
-    return (
-        isinstance(module, nn.Linear)
-        and type(module).forward is nn.Linear.forward
-        # MultiheadAttention reads out_proj.weight directly and never calls its forward.
-        and type(module).__name__ != "NonDynamicallyQuantizableLinear"
-    )
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2), matched by name so that transformers is not imported here."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-@dataclasses.dataclass(frozen=True)
-class DoraHandler:
-    """Attaches DoRA to one kind of module (entry-point group ``peftcore.layers``)."""
-
-    kind: str
-    predicate: Callable[[nn.Module], bool]
-    transposed: bool
-    linear_like: bool = True
-    priority: int = 0
-    method: str = "dora"
-    peftcore_api: int = 1
-
-    def matches(self, module: nn.Module) -> bool:
-        return self.predicate(module)
-
-    def wrap(self, module: nn.Module) -> DoraLayer:
-        return DoraLayer(module, transposed=self.transposed)
-
-    def describe(self) -> str:
-        return self.kind
-
-
-LINEAR = DoraHandler("torch.nn.Linear", is_linear, transposed=False)
-HF_CONV1D = DoraHandler("transformers Conv1D", is_hf_conv1d, transposed=True)
+# The layer handlers of entry-point group peftcore.layers (entries dora.<name>).
+LINEAR = Handler("torch.nn.Linear", is_linear, DoraLayer, method="dora", linear_like=True)
+HF_CONV1D = Handler("transformers Conv1D", is_hf_conv1d, functools.partial(DoraLayer, transposed=True), method="dora",
+                    linear_like=True)

@@ -17,13 +17,15 @@ key and value part. Several active adapters multiply.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any
 
 import torch
 from torch import nn
 
 from peftcore.errors import AdapterStateError
 from peftcore.tuners.base import AdapterLayer
+from peftcore.tuners.modules import Handler, is_hf_conv1d, is_linear
 
 #: |l| below this cannot be divided back out of merged weights.
 UNMERGE_MIN_ABS = 1e-6
@@ -166,43 +168,7 @@ class IA3Layer(AdapterLayer):
         return f"adapters={kinds}, active={list(self.active_adapters)}, merged={self.merged_adapters}"
 
 
-def is_linear(module: nn.Module) -> bool:
-    """A plain ``nn.Linear`` (not a subclass with its own forward, e.g. a quantized one)."""
-    return (
-        isinstance(module, nn.Linear)
-        and type(module).forward is nn.Linear.forward
-        # MultiheadAttention reads out_proj.weight directly and never calls its forward.
-        and type(module).__name__ != "NonDynamicallyQuantizableLinear"
-    )
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2), matched by name so that transformers is not imported here."""
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
-
-
-@dataclasses.dataclass(frozen=True)
-class IA3Handler:
-    """Attaches IA3 to one kind of module (entry-point group ``peftcore.layers``)."""
-
-    kind: str
-    predicate: Callable[[nn.Module], bool]
-    transposed: bool
-    linear_like: bool = True
-    priority: int = 0
-    method: str = "ia3"
-    peftcore_api: int = 1
-
-    def matches(self, module: nn.Module) -> bool:
-        return self.predicate(module)
-
-    def wrap(self, module: nn.Module) -> IA3Layer:
-        return IA3Layer(module, transposed=self.transposed)
-
-    def describe(self) -> str:
-        return self.kind
-
-
-LINEAR = IA3Handler("torch.nn.Linear", is_linear, transposed=False)
-HF_CONV1D = IA3Handler("transformers Conv1D", is_hf_conv1d, transposed=True)
+# The layer handlers of entry-point group peftcore.layers (entries ia3.<name>).
+LINEAR = Handler("torch.nn.Linear", is_linear, IA3Layer, method="ia3", linear_like=True)
+HF_CONV1D = Handler("transformers Conv1D", is_hf_conv1d, functools.partial(IA3Layer, transposed=True), method="ia3",
+                    linear_like=True)
