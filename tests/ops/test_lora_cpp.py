@@ -86,7 +86,10 @@ def test_without_bias_and_without_input_grad(p):
 
 def test_mask_is_bit_identical_to_philox():
     # With A = I and x = 1, h = dropout(1) exposes the mask: kept entries are exactly 1 / (1 - p).
-    for (M, K), seed in [((7, 13), 0), ((50, 37), 2**62 - 1), ((3, 4), -5), ((1, 1), 0x123456789ABCDEF), ((9, 301), 99)]:
+    # Row lengths cover every path of the AVX2 generator (groups of 32, 16 and 8 blocks, scalar tail).
+    cases = [((7, 13), 0), ((50, 37), 2**62 - 1), ((3, 4), -5), ((1, 1), 0x123456789ABCDEF), ((9, 301), 99),
+             ((4, 100), 7), ((2, 1000), 11)]
+    for (M, K), seed in cases:
         x = torch.ones(M, K)
         seed_t = torch.tensor(seed, dtype=torch.int64)
         _, h = torch.ops.peftcore.lora_linear(x, torch.zeros(2, K), None, torch.eye(K), torch.zeros(2, K), 1.0, 0.37, seed_t)
