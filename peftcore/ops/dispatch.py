@@ -57,7 +57,14 @@ class BackendTable(list):
     """A list of :class:`BackendStatus` that prints as a table."""
 
     def __str__(self) -> str:
-        return "\n".join(str(s) for s in self)
+        devices = [",".join(s.devices) for s in self]
+        widths = [max((len(v) for v in column), default=0) for column in
+                  ([s.op for s in self], [s.backend for s in self], devices)]
+        lines = []
+        for s, dev in zip(self, devices):
+            state = "available" if s.available else f"unavailable: {s.reason}"
+            lines.append(f"{s.op:<{widths[0]}}  {s.backend:<{widths[1]}}  {dev:<{widths[2]}}  {state}")
+        return "\n".join(lines)
 
 
 def _kernels(op: str) -> dict[str, Any]:
