@@ -10,8 +10,8 @@ def load() -> tuple[bool, str]:
     """Imports ``peftcore._C`` once, registering its ops; returns (loaded, reason if not).
 
     Importing the module registers the C++ schemas and kernels (``torch.ops.peftcore.*``); the
-    Python halves of ``lora_linear`` (fake kernel, autograd) are registered right after, so the
-    op is complete on every device whoever loads the extension first.
+    Python halves of each op the build declares (fake kernels, autograd) are registered right
+    after, so the ops are complete on every device whoever loads the extension first.
     """
     try:
         import peftcore._C  # noqa: F401  (import registers torch.ops.peftcore.*)
@@ -24,6 +24,10 @@ def load() -> tuple[bool, str]:
         from peftcore.ops import lora_cpp
 
         lora_cpp.register()
+    if torch_has_op("bottleneck"):
+        from peftcore.ops import bottleneck_cpp
+
+        bottleneck_cpp.register()
     return True, ""
 
 

@@ -6,11 +6,13 @@ first-class torch ops: fake (meta) kernels, so ``torch.compile`` and meta tensor
 and the autograd formula (``torch.library.register_autograd``), which saves ``x``, both weights and
 the pre-activation ``h`` (``(M, r)``) and calls the backward op.
 
-Registration happens on import, once, and only if the extension is built with these ops.
+Registration runs once, when :func:`peftcore.ops._extension.load` first imports ``peftcore._C``
+(as for the ``lora_linear`` op), and only if the build declares these ops.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -72,19 +74,22 @@ def _backward(ctx: Any, grad_y: torch.Tensor, _grad_h: torch.Tensor | None):
 
 
 _registered = False
+_lock = threading.Lock()
 
 
-def _register() -> None:
+def register() -> None:
+    """Registers the fake kernels and autograd of the bottleneck ops (idempotent).
+
+    Called by :func:`peftcore.ops._extension.load` right after importing the extension.
+    """
     global _registered
-    if _registered or not _ops_present()[0]:
-        return
-    torch.library.register_fake(FORWARD)(_fake_forward)
-    torch.library.register_fake(BACKWARD)(_fake_backward)
-    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
-    _registered = True
-
-
-_register()
+    with _lock:
+        if _registered:
+            return
+        torch.library.register_fake(FORWARD)(_fake_forward)
+        torch.library.register_fake(BACKWARD)(_fake_backward)
+        torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+        _registered = True
 
 
 # -- launcher and kernel object ----------------------------------------------------------------------
@@ -110,7 +115,8 @@ def cpp_bottleneck(
 
 
 class _CppKernel:
-    """The ``cpp`` backend of ``bottleneck``: ATen matmuls with fused OpenMP elementwise passes."""
+    """The ``cpp`` backend of ``bottleneck``: ATen GEMMs and vectorised activations, ordered so that
+    no output-sized temporary is made (see ``csrc/bottleneck.cpp``)."""
 
     op = OP
     backend = "cpp"
@@ -120,10 +126,7 @@ class _CppKernel:
     peftcore_api = 1
 
     def available(self) -> tuple[bool, str]:
-        ok, reason = _ops_present()
-        if ok:
-            _register()
-        return ok, reason
+        return _ops_present()  # loading the extension registers the ops' Python halves
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return cpp_bottleneck(*args, **kwargs)

@@ -20,34 +20,6 @@ from peftcore.ops.lora_cpp import cpp_lora_linear
 _OPS = ("lora_linear", "lora_linear_backward")
 
 
-def cuda_lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    scale: float,
-    dropout_p: float = 0.0,
-    seed: int | torch.Tensor = 0,
-) -> torch.Tensor:
-    """``lora_linear`` on CUDA tensors through ``torch.ops.peftcore.lora_linear``.
-
-    Args:
-        x: input ``(M, K)`` on a CUDA device.
-        weight: base weight ``(N, K)``, any strides (a transposed view is read in place).
-        bias: ``(N,)`` or ``None``.
-        A: ``(r, K)``; B: ``(N, r)``.
-        scale: multiplier of the low-rank path.
-        dropout_p: dropout probability in ``[0, 1)``.
-        seed: int or 0-dim int64 tensor (kept on the CPU: the kernels read it without a sync).
-
-    Returns:
-        ``(M, N)``.
-    """
-    # The op is device-generic: the dispatcher routes CUDA tensors to csrc/cuda/lora_linear.cu.
-    return cpp_lora_linear(x, weight, bias, A, B, scale, dropout_p, seed)
-
-
 def _missing_cuda_kernels() -> list[str]:
     return [op for op in _OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"peftcore::{op}", "CUDA")]
 
@@ -84,7 +56,10 @@ class _CudaKernel:
         return True, ""
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return cuda_lora_linear(*args, **kwargs)
+        # The op is device-generic: the same launcher as the cpp backend, and the dispatcher
+        # routes CUDA tensors to csrc/cuda/lora_linear.cu. The seed stays a CPU tensor (the
+        # kernels read it without a device sync).
+        return cpp_lora_linear(*args, **kwargs)
 
 
 CUDA = _CudaKernel()
