@@ -143,3 +143,23 @@ def assert_training_lowers_the_loss(model: nn.Module, inputs: dict, labels: torc
     after = eval_loss()
     assert after < before - margin, (before, after)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def assert_a_failed_wrap_leaves_no_trace(monkeypatch, method: str) -> None:
+    """A wrap that fails after the method's checks (here: looking up its provider) leaves GPT-2
+    without hooks, extra state or ``_peftcore``, computing exactly what it did."""
+    import pytest
+
+    import peftcore
+
+    model, inputs = gpt2(), token_inputs()
+    before, keys = output_of(model, inputs), set(model.state_dict())
+
+    def broken(name):
+        raise RuntimeError("provider lookup failed")
+
+    monkeypatch.setattr(peftcore.registry, "method_provider", broken)
+    with pytest.raises(RuntimeError, match="provider lookup failed"):
+        peftcore.wrap(model, method)
+    assert not all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
+    torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)

@@ -10,8 +10,8 @@ import torch
 
 import peftcore
 from models import (
-    FAMILIES, all_hooks, assert_training_lowers_the_loss, gpt2, greedy_by_forward, llama, minilm, minilm_inputs, mlp, output_of, perturb,
-    token_inputs,
+    FAMILIES, all_hooks, assert_a_failed_wrap_leaves_no_trace, assert_training_lowers_the_loss, gpt2,
+    greedy_by_forward, llama, minilm, minilm_inputs, mlp, output_of, perturb, token_inputs,
 )
 from peftcore.tuners.prefix import PrefixConfig, calls
 from peftcore.tuners.prefix.encoder import PrefixTuning
@@ -280,17 +280,7 @@ def test_plain_modules_and_target_options_are_refused():
 
 
 def test_a_failed_wrap_leaves_no_hook(monkeypatch):
-    model, inputs = gpt2(), token_inputs()
-    before, keys = output_of(model, inputs), set(model.state_dict())
-
-    def broken(name):
-        raise RuntimeError("provider lookup failed")
-
-    monkeypatch.setattr(peftcore.registry, "method_provider", broken)
-    with pytest.raises(RuntimeError, match="provider lookup failed"):
-        peftcore.wrap(model, "prefix")
-    assert not all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
-    torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)
+    assert_a_failed_wrap_leaves_no_trace(monkeypatch, "prefix")
 
 
 def test_a_failed_load_leaves_the_model_unchanged(tmp_path):

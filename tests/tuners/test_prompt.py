@@ -10,8 +10,8 @@ from torch import nn
 
 import peftcore
 from models import (
-    FAMILIES, all_hooks, assert_training_lowers_the_loss, gpt2, greedy_by_forward, llama, minilm, minilm_inputs, minilm_tokenizer, mlp,
-    output_of, perturb, token_inputs,
+    FAMILIES, all_hooks, assert_a_failed_wrap_leaves_no_trace, assert_training_lowers_the_loss, gpt2,
+    greedy_by_forward, llama, minilm, minilm_inputs, minilm_tokenizer, mlp, output_of, perturb, token_inputs,
 )
 from peftcore.tuners.prompt import PromptConfig
 
@@ -248,17 +248,7 @@ def test_models_without_inputs_embeds_and_target_options_are_refused():
 
 
 def test_a_failed_wrap_leaves_no_hook(monkeypatch):
-    model, inputs = gpt2(), token_inputs()
-    before, keys = output_of(model, inputs), set(model.state_dict())
-
-    def broken(name):
-        raise RuntimeError("provider lookup failed")
-
-    monkeypatch.setattr(peftcore.registry, "method_provider", broken)
-    with pytest.raises(RuntimeError, match="provider lookup failed"):
-        peftcore.wrap(model, "prompt")
-    assert not all_hooks(model) and set(model.state_dict()) == keys and not hasattr(model, "_peftcore")
-    torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)
+    assert_a_failed_wrap_leaves_no_trace(monkeypatch, "prompt")
 
 
 def test_a_prepared_4d_mask_and_a_fixed_size_cache_are_refused():
