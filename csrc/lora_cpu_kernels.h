@@ -328,7 +328,7 @@ void forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, int64_t K, int
 
 // Backward rows [m0, m1), in one pass over grad_y and x (Bt = B^T as (r_pad, N); h (M, r)):
 //   gh[m]        = scale * grad_y[m] B                         (rank-sized, stays in L1)
-//   grad_Bt_part += h[m]^T grad_y[m]                           (scaled by the caller)
+//   grad_Bt_part += scale * h[m]^T grad_y[m]
 //   grad_A_part  += gh[m]^T (x[m] * mult[m])                   (if grad_A_part)
 //   grad_x[m]     = mult[m] * (gh[m] A)                        (if grad_x; written, not added:
 //                                                               the caller adds grad_y W after)
@@ -345,7 +345,7 @@ void backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* h,
   for (int64_t mb = m0; mb < m1; mb += kRowGroup) {
     const int64_t rows = std::min(kRowGroup, m1 - mb);
     for (int64_t i = 0; i < kRowGroup; ++i) {
-      acc_t* ch = w.coeff_h.data() + i * r_pad;  // h[m]: coefficients of grad_y[m] for grad_B
+      acc_t* ch = w.coeff_h.data() + i * r_pad;  // scale h[m]: coefficients of grad_y[m] for grad_B
       acc_t* cg = w.coeff_g.data() + i * r_pad;  // gh[m]: coefficients of dropout(x[m]) for grad_A
       if (i >= rows) {  // a short last group: zero rows with zero coefficients
         std::fill(ch, ch + r_pad, acc_t(0));
@@ -356,7 +356,7 @@ void backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* h,
       const int64_t m = mb + i;
       const acc_t* gy = as_acc<scalar_t, acc_t>(grad_y + m * N, N, w.gy.data() + i * N);
       gy_rows[i] = gy;
-      for (int64_t j = 0; j < r; ++j) ch[j] = static_cast<acc_t>(h[m * r + j]);
+      for (int64_t j = 0; j < r; ++j) ch[j] = scale * static_cast<acc_t>(h[m * r + j]);
       if (!need_gh) continue;
       project_row<acc_t>(gy, Bt, N, r_pad, cg);
       for (int64_t j = 0; j < r_pad; ++j) cg[j] *= scale;

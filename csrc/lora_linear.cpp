@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -84,10 +85,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
 
-// A factor in the accumulation type, padded with zero rows to a multiple of kRankBlock.
+// A factor in the accumulation type, padded with zero rows to a multiple of kRankBlock: the
+// factor itself when it already is one (a contiguous fp32/fp64 factor of rank 8, 16, ...).
 at::Tensor padded_factor(const at::Tensor& F) {
   const int64_t r = F.size(0);
   const int64_t r_pad = (r + cpu_default::kRankBlock - 1) / cpu_default::kRankBlock * cpu_default::kRankBlock;
+  if (r == r_pad && F.is_contiguous() && F.scalar_type() == at::toOpMathType(F.scalar_type())) return F;
   at::Tensor out = at::zeros({r_pad, F.size(1)}, F.options().dtype(at::toOpMathType(F.scalar_type())));
   out.narrow(0, 0, r).copy_(F);
   return out;
@@ -144,8 +147,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at
   // that pass's place, so the low-rank path costs no pass over y of its own and no output-sized
   // temporary. weight.t() is a view: nn.Linear's (N, K) weight reads as a transposed operand,
   // GPT-2's Conv1D (a (K, N) tensor passed as its .t()) as the contiguous original.
-  const at::Tensor hs = h.mul(scale);
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, hs, B.t()) : at::mm(hs, B.t());
+  at::Tensor y;
+  if (bias.has_value() && bias->defined()) {
+    y = at::addmm(*bias, h, B.t(), /*beta=*/1, /*alpha=*/scale);
+  } else {
+    y = at::empty({x.size(0), weight.size(0)}, x.options());
+    at::addmm_out(y, y, h, B.t(), /*beta=*/0, /*alpha=*/scale);  // beta = 0: y's contents are ignored
+  }
   y.addmm_(x, weight.t());
   return {y, h};
 }
@@ -216,8 +224,11 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   } else if (want_x) {
     gx.zero_();
   }
-  if (want_A) grad_A = part_A.sum(0).to(x.scalar_type());
-  if (want_B) grad_B = part_Bt.sum(0).t().mul(scale).to(x.scalar_type()).contiguous();
+  // The partial sums in order (one part: no pass at all); grad_B's scale is already in (see
+  // backward_rows).
+  const auto reduce = [n_parts](const at::Tensor& parts) { return n_parts == 1 ? parts.select(0, 0) : parts.sum(0); };
+  if (want_A) grad_A = reduce(part_A).to(x.scalar_type());
+  if (want_B) grad_B = reduce(part_Bt).t().to(x.scalar_type()).contiguous();
   if (want_x) {
     // The base layer's own input gradient, accumulated into the low-rank part in the GEMM.
     gx.addmm_(grad_y, weight);
