@@ -3,7 +3,8 @@
 // lora_linear.cpp includes this file twice, once as is (namespace ...::cpu_default) and once
 // under `#pragma GCC target("avx2,fma")` with PEFTCORE_AVX2 defined (namespace ...::cpu_avx2),
 // and picks one at run time, so the build runs on any x86-64 and uses AVX2 where present.
-// Includers provide <cstdint>, <algorithm>, <type_traits>, <vector>, <immintrin.h> (x86) and philox.h.
+// Includers provide <cstdint>, <cstring>, <algorithm>, <type_traits>, <vector>, <immintrin.h> (x86) and
+// philox.h.
 //
 // Layouts: rows of x, grad_y and grad_x are contiguous; the rank-sized factors come as
 // (r_pad, L) row-major buffers in the accumulation type with zero rows up to r_pad (a multiple
@@ -45,7 +46,7 @@ inline void philox_lanes_round(PhiloxLanes& s, __m256i mul_a, __m256i mul_b, __m
   s.c3 = lo0;
 }
 
-// The 8 blocks' draws in offset order: a 4 x 8 transpose, out[4 * block + lane].
+// The 8 blocks' outputs in order: a 4 x 8 transpose, out[4 * block + output].
 inline void philox_lanes_store(const PhiloxLanes& s, uint32_t* out) {
   const __m256i t0 = _mm256_unpacklo_epi32(s.c0, s.c1);
   const __m256i t1 = _mm256_unpackhi_epi32(s.c0, s.c1);
@@ -63,7 +64,7 @@ inline void philox_lanes_store(const PhiloxLanes& s, uint32_t* out) {
 }
 #endif
 
-// Philox draws of blocks g0 .. g0 + n_blocks - 1, written as out[4 * i + lane].
+// Philox outputs of blocks g0 .. g0 + n_blocks - 1, written as out[4 * i + output].
 inline void philox_blocks(uint64_t seed, uint64_t g0, int64_t n_blocks, uint32_t* out) {
   int64_t i = 0;
 #ifdef PEFTCORE_AVX2
@@ -118,17 +119,28 @@ inline void philox_blocks(uint64_t seed, uint64_t g0, int64_t n_blocks, uint32_t
   for (; i < n_blocks; ++i) philox::block(seed, g0 + static_cast<uint64_t>(i), out + 4 * i);
 }
 
-// mult[k] = keep(offset start + k) ? s : 0 for k < n. draws needs room for n + 8 uint32.
+// The 16-bit draws of offsets start .. start + n - 1 into draws[0 .. n): Philox blocks
+// start >> 3 onwards, each cut into eight draws (low half of each output first). draws needs
+// room for n + 16 entries; words for 4 * (n / 8 + 2).
+inline const uint16_t* draws16(uint64_t seed, int64_t start, int64_t n, uint32_t* words, uint16_t* draws) {
+  const uint64_t g0 = static_cast<uint64_t>(start) >> 3;
+  const int64_t n_blocks = static_cast<int64_t>(((static_cast<uint64_t>(start + n - 1)) >> 3) - g0) + 1;
+  philox_blocks(seed, g0, n_blocks, words);
+  // Output word i holds the draws 2i (low half) and 2i + 1 (high half): on a little-endian
+  // machine that is the words' own memory order, which the copy keeps.
+  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "draws16 reads 16-bit halves in memory order");
+  std::memcpy(draws, words, static_cast<size_t>(n_blocks) * 4 * sizeof(uint32_t));
+  return draws + (static_cast<uint64_t>(start) - 8 * g0);
+}
+
+// mult[k] = keep(offset start + k) ? s : 0 for k < n (scratch as for draws16).
 template <typename acc_t>
 inline void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_t threshold, acc_t s,
-                                uint32_t* draws, acc_t* mult) {
-  const uint64_t g0 = static_cast<uint64_t>(start) >> 2;
-  const int64_t n_blocks = static_cast<int64_t>(((static_cast<uint64_t>(start + n - 1)) >> 2) - g0) + 1;
-  philox_blocks(seed, g0, n_blocks, draws);
-  const uint32_t* r = draws + (static_cast<uint64_t>(start) - 4 * g0);
-  // (r >> 1) and the threshold are below 2^31, so a signed compare is exact (and vectorises).
+                                uint32_t* words, uint16_t* draws, acc_t* mult) {
+  const uint16_t* u = draws16(seed, start, n, words, draws);
+  // Draws and threshold are below 2^16, so a signed 32-bit compare is exact (and vectorises).
   const int32_t t = static_cast<int32_t>(threshold);
-  for (int64_t k = 0; k < n; ++k) mult[k] = static_cast<int32_t>(r[k] >> 1) >= t ? s : acc_t(0);
+  for (int64_t k = 0; k < n; ++k) mult[k] = static_cast<int32_t>(u[k]) >= t ? s : acc_t(0);
 }
 
 #ifdef PEFTCORE_AVX2
@@ -285,11 +297,12 @@ inline void accumulate_rows(const acc_t* c, const acc_t* const* v, int64_t L, in
 // Scratch of one worker, sized for rows of length K (x) and N (grad_y).
 template <typename acc_t>
 struct Scratch {
-  std::vector<uint32_t> draws;
+  std::vector<uint32_t> words;
+  std::vector<uint16_t> draws;
   std::vector<acc_t> mult, xd, gy, t, zeros, coeff_h, coeff_g;
   Scratch(int64_t K, int64_t N, int64_t r_pad)
-      : draws(K + 8), mult(kRowGroup * K), xd(kRowGroup * K), gy(kRowGroup * N), t(K), zeros(std::max(K, N), acc_t(0)),
-        coeff_h(kRowGroup * r_pad, acc_t(0)), coeff_g(kRowGroup * r_pad, acc_t(0)) {}
+      : words(4 * (K / 8 + 2)), draws(8 * (K / 8 + 2)), mult(kRowGroup * K), xd(kRowGroup * K), gy(kRowGroup * N),
+        t(K), zeros(std::max(K, N), acc_t(0)), coeff_h(kRowGroup * r_pad, acc_t(0)), coeff_g(kRowGroup * r_pad, acc_t(0)) {}
 };
 
 // Row `src` in the accumulation type: the row itself when the types agree, else converted into
@@ -315,7 +328,7 @@ void forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, int64_t K, int
     const scalar_t* xm = x + m * K;
     const acc_t* v;
     if (dropout) {
-      dropout_multipliers<acc_t>(seed, m * K, K, threshold, s, w.draws.data(), w.mult.data());
+      dropout_multipliers<acc_t>(seed, m * K, K, threshold, s, w.words.data(), w.draws.data(), w.mult.data());
       for (int64_t k = 0; k < K; ++k) w.xd[k] = w.mult[k] * static_cast<acc_t>(xm[k]);
       v = w.xd.data();
     } else {
@@ -364,7 +377,7 @@ void backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* h,
       const scalar_t* xm = x + m * K;
       if (dropout) {
         acc_t* xd = w.xd.data() + i * K;
-        dropout_multipliers<acc_t>(seed, m * K, K, threshold, s, w.draws.data(), mult);
+        dropout_multipliers<acc_t>(seed, m * K, K, threshold, s, w.words.data(), w.draws.data(), mult);
         for (int64_t k = 0; k < K; ++k) xd[k] = mult[k] * static_cast<acc_t>(xm[k]);
         xd_rows[i] = xd;
       } else {

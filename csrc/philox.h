@@ -20,7 +20,8 @@ constexpr uint32_t kRoundA = 0xD2511F53u;
 constexpr uint32_t kRoundB = 0xCD9E8D57u;
 constexpr int kRounds = 10;
 
-// The four 32-bit draws of block counter g (the elements at offsets 4g .. 4g+3).
+// The four 32-bit outputs of block counter g. Cut into eight 16-bit draws, low half first, they
+// are the draws of the elements at offsets 8g .. 8g+7 (draw16 below).
 PEFTCORE_HD void block(uint64_t seed, uint64_t g, uint32_t out[4]) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32), c2 = 0, c3 = 0;
@@ -42,8 +43,16 @@ PEFTCORE_HD void block(uint64_t seed, uint64_t g, uint32_t out[4]) {
   out[3] = c3;
 }
 
-// floor(p * 2^31): a draw r is kept iff (r >> 1) >= threshold(p).
-PEFTCORE_HD uint32_t threshold(double p) { return static_cast<uint32_t>(p * 2147483648.0); }
+constexpr int kDrawsPerBlock = 8;
+
+// The 16-bit draw of offset o from the outputs of its block o >> 3: half o & 1 (low first) of
+// output (o >> 1) & 3.
+PEFTCORE_HD uint32_t draw16(const uint32_t out[4], uint64_t o) {
+  return (out[(o >> 1) & 3] >> (16 * (o & 1))) & 0xFFFFu;
+}
+
+// floor(p * 2^16): an element is kept iff its 16-bit draw >= threshold(p).
+PEFTCORE_HD uint32_t threshold(double p) { return static_cast<uint32_t>(p * 65536.0); }
 
 }  // namespace philox
 }  // namespace peftcore

@@ -13,8 +13,9 @@
 //      a graph break or a recompile per step. Its bits are the 64-bit Philox key (see below).
 //   Dropout mask (bit-identical on every backend; spec: peftcore/ops/philox.py, C++: csrc/philox.h):
 //      element offset o = m * K + k (row-major in (M, K)); Philox4x32-10 with key (seed low 32 bits,
-//      seed high 32 bits), counter (o >> 2 low 32, o >> 2 high 32, 0, 0); draw r = output lane o & 3;
-//      keep iff (r >> 1) >= floor(dropout_p * 2^31); kept elements are scaled by 1 / (1 - dropout_p).
+//      seed high 32 bits), counter (o >> 3 low 32, o >> 3 high 32, 0, 0); 16-bit draw u = half o & 1
+//      (low first) of output (o >> 1) & 3; keep iff u >= floor(dropout_p * 2^16); kept elements are
+//      scaled by 1 / (1 - dropout_p).
 //      dropout_p == 0 means no dropout (the seed is not read).
 #include <torch/library.h>
 

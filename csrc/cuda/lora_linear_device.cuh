@@ -8,14 +8,14 @@
 // Base matmuls, the low-rank matmuls without dropout and grad_B go to cuBLAS through ATen (see
 // lora_linear.cu); these kernels are what cuBLAS cannot do without materialising dropout(x) or
 // the mask. Every kernel draws the mask itself with csrc/philox.h, the one Philox4x32-10 of
-// peftcore/ops/philox.py (element offset o = m * K + k, block counter o >> 2, lane o & 3, keep iff
-// (draw >> 1) >= threshold): it is never stored, and forward and backward regenerate the same
-// bits as the CPU and Triton backends.
+// peftcore/ops/philox.py (element offset o = m * K + k, block counter o >> 3, 16-bit draw = half
+// o & 1 of output (o >> 1) & 3, keep iff draw >= threshold): it is never stored, and forward and
+// backward regenerate the same bits as the CPU and Triton backends.
 //
 // Tiling: 32 x 32 tiles staged in shared memory (rows padded to 33: no bank conflicts), 256
 // threads; each thread loads (and, where the output is x-shaped, owns) a "quad" of four
 // consecutive columns of one row, so its four mask draws come from one Philox block (two when
-// m * K + k is not a multiple of 4). Accumulation is in float (double for double).
+// the quad crosses a multiple of 8 in offset). Accumulation is in float (double for double).
 //
 // This header includes neither torch nor the CUDA runtime: besides nvcc, the tests compile it as
 // host C++ with one std::thread per CUDA thread (tests/ops/cuda_emulation.cpp) and check these
@@ -47,7 +47,7 @@ struct StridedMatrix {
 struct DropoutSpec {
   bool enabled;        // false: p == 0, nothing dropped, no draws
   uint64_t seed;       // the 64-bit Philox key
-  uint32_t threshold;  // floor(p * 2^31): drop iff (draw >> 1) < threshold
+  uint32_t threshold;  // floor(p * 2^16): drop iff the 16-bit draw < threshold
   double keep_scale;   // 1 / (1 - p), applied to kept elements (1 without dropout)
 };
 
@@ -99,15 +99,16 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v)
 }
 #endif
 
-// Lane `lane` of a Philox block, by selects rather than a dynamic index (which would put the
+// Output `word` of a Philox block, by selects rather than a dynamic index (which would put the
 // four words in local memory).
-__device__ __forceinline__ uint32_t lane_of(const uint32_t bits[4], uint64_t lane) {
-  return lane == 0 ? bits[0] : lane == 1 ? bits[1] : lane == 2 ? bits[2] : bits[3];
+__device__ __forceinline__ uint32_t word_of(const uint32_t bits[4], uint64_t word) {
+  return word == 0 ? bits[0] : word == 1 ? bits[1] : word == 2 ? bits[2] : bits[3];
 }
 
 // Keep flags of elements (m, k), ..., (m, k + 3) of the (M, K) input: offset o = m * K + k + e,
-// Philox block o >> 2, lane o & 3, kept iff (draw >> 1) >= threshold. Columns past K (a quad
-// that sticks out of the last tile) get flags too; callers ignore them.
+// Philox block o >> 3, 16-bit draw = half o & 1 (low first) of output (o >> 1) & 3, kept iff
+// draw >= threshold. Columns past K (a quad that sticks out of the last tile) get flags too;
+// callers ignore them.
 __device__ __forceinline__ void keep_quad(const DropoutSpec& drop, int64_t m, int64_t K, int64_t k, bool keep[kQuad]) {
   if (!drop.enabled) {
 #pragma unroll
@@ -116,14 +117,15 @@ __device__ __forceinline__ void keep_quad(const DropoutSpec& drop, int64_t m, in
   }
   const uint64_t first = static_cast<uint64_t>(m) * static_cast<uint64_t>(K) + static_cast<uint64_t>(k);
   uint32_t lo[4], hi[4] = {0u, 0u, 0u, 0u};
-  philox::block(drop.seed, first >> 2, lo);
-  const bool straddles = (first & 3) != 0;  // the quad reaches into the next Philox block
-  if (straddles) philox::block(drop.seed, (first >> 2) + 1, hi);
+  philox::block(drop.seed, first >> 3, lo);
+  const bool straddles = ((first + kQuad - 1) >> 3) != (first >> 3);  // the quad reaches into the next block
+  if (straddles) philox::block(drop.seed, (first >> 3) + 1, hi);
 #pragma unroll
   for (int e = 0; e < kQuad; ++e) {
     const uint64_t offset = first + e;
-    const uint32_t draw = (offset >> 2) == (first >> 2) ? lane_of(lo, offset & 3) : lane_of(hi, offset & 3);
-    keep[e] = (draw >> 1) >= drop.threshold;
+    const uint32_t word = (offset >> 3) == (first >> 3) ? word_of(lo, (offset >> 1) & 3) : word_of(hi, (offset >> 1) & 3);
+    const uint32_t draw = (word >> (16 * (offset & 1))) & 0xFFFFu;
+    keep[e] = draw >= drop.threshold;
   }
 }
 

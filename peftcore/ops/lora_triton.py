@@ -106,24 +106,28 @@ def _keep_mask(seed, offs_m, k_start, K, threshold,
                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_ALIGNED: tl.constexpr):
     """Keep-mask (BLOCK_M, BLOCK_K) of rows ``offs_m`` and columns ``k_start + [0, BLOCK_K)``.
 
-    Element (m, k) has offset ``m * K + k``; Philox4x32-10 of block counter ``offset >> 2``
-    gives four draws, lane ``offset & 3`` is the element's (see :mod:`peftcore.ops.philox`).
-    With ``K_ALIGNED`` (K and k_start multiples of 4) every four columns are one Philox call
-    whose four outputs are interleaved back into place: a quarter of the generator work.
+    Element (m, k) has offset ``o = m * K + k``; Philox4x32-10 of block counter ``o >> 3`` gives
+    four 32-bit outputs, and the element's 16-bit draw is half ``o & 1`` (low first) of output
+    ``(o >> 1) & 3`` (see :mod:`peftcore.ops.philox`). With ``K_ALIGNED`` (K and k_start
+    multiples of 8) every eight columns are one Philox call whose outputs are cut and
+    interleaved back into place: an eighth of the generator work.
     Rows or columns past the tensor get draws too; callers mask them on load and store.
     """
     if K_ALIGNED:
-        groups = ((offs_m[:, None].to(tl.int64) * K + k_start) >> 2) + tl.arange(0, BLOCK_K // 4)[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, groups)  # each (BLOCK_M, BLOCK_K // 4)
-        # join puts its new axis last: [..., g, a, b] = lane 2a + b, so a row-major reshape
-        # yields column 4g + lane.
-        bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_K))
+        blocks = ((offs_m[:, None].to(tl.int64) * K + k_start) >> 3) + tl.arange(0, BLOCK_K // 8)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, blocks)  # each (BLOCK_M, BLOCK_K // 8)
+        # join puts its new axis last: [..., g, a, b] = output 2a + b, so a row-major reshape of
+        # join(low halves, high halves), [..., g, a, b, h], yields column 8g + 2(2a + b) + h.
+        low = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+        high = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+        draws = tl.reshape(tl.join(low, high), (BLOCK_M, BLOCK_K))
     else:
         offsets = offs_m[:, None].to(tl.int64) * K + (k_start + tl.arange(0, BLOCK_K))[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, offsets >> 2)
-        lane = offsets & 3
-        bits = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-    return (bits >> 1).to(tl.int32) >= threshold
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets >> 3)
+        word = (offsets >> 1) & 3
+        bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+        draws = tl.where((offsets & 1) == 0, bits & 0xFFFF, bits >> 16)
+    return draws.to(tl.int32) >= threshold
 
 
 @_jit()
@@ -455,7 +459,7 @@ def _dropout_args(dropout_p: float, seed: int, K: int) -> dict:
     if seed >= 1 << 63:
         seed -= 1 << 64
     return {"seed": seed, "threshold": philox.threshold(dropout_p), "HAS_DROPOUT": dropout_p > 0.0,
-            "K_ALIGNED": K % 4 == 0}
+            "K_ALIGNED": K % 8 == 0}
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,

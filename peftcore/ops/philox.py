@@ -5,13 +5,20 @@ instead of storing it, whatever its tiling, and every backend (reference, C++, T
 draws the very same mask:
 
 * key ``(k0, k1)`` = low and high 32 bits of the 64-bit seed;
-* counter ``(c0, c1, c2, c3)`` = ``(g & 0xffffffff, g >> 32, 0, 0)`` where ``g = offset >> 2``;
+* counter ``(c0, c1, c2, c3)`` = ``(g & 0xffffffff, g >> 32, 0, 0)`` where ``g = offset >> 3``;
 * ten Philox rounds (constants as in Salmon et al. 2011 and ``triton.language.philox``);
-* lane ``offset & 3`` of the four outputs is the element's 32-bit draw ``r``;
-* the element is kept iff ``(r >> 1) >= threshold(p)`` with ``threshold(p) = floor(p * 2**31)``,
-  and kept elements are scaled by ``1 / (1 - p)``.
+* the four 32-bit outputs are cut into eight 16-bit draws, low half first: the element's draw
+  ``u`` is half ``offset & 1`` of output ``(offset >> 1) & 3``, that is
+  ``(out[(offset >> 1) & 3] >> (16 * (offset & 1))) & 0xffff``;
+* the element is kept iff ``u >= threshold(p)`` with ``threshold(p) = floor(p * 2**16)``, and
+  kept elements are scaled by ``1 / (1 - p)``.
 
 ``offset`` is the row-major index of the element in the op's input viewed as ``(M, K)``.
+
+Sixteen bits per element, not 32: one Philox block serves eight elements, half the generator
+work of one draw per 32-bit word, and the generator is most of what dropout costs on a CPU.
+The drop probability is resolved to ``2**-16``: ``p = 0.1`` drops with probability
+``6553 / 65536 = 0.099991``, and the expectation of a kept-and-scaled element is ``1 + 1e-5``.
 
 The seed is a Python int or a 0-dim int64 tensor (its 64 bits, two's complement, are the key).
 The tensor form keeps ``torch.compile`` graphs whole: no ``.item()`` is needed to draw a mask.
@@ -30,9 +37,13 @@ N_ROUNDS = 10
 _MASK32 = 0xFFFFFFFF
 
 
+DRAW_BITS = 16
+DRAWS_PER_BLOCK = 8
+
+
 def threshold(p: float) -> int:
-    """The 31-bit threshold below which a draw is dropped."""
-    return int(p * 2**31)
+    """The 16-bit threshold below which a draw is dropped: ``floor(p * 2**16)``."""
+    return int(p * 2**DRAW_BITS)
 
 
 def _umulhi(a: int, b: torch.Tensor) -> torch.Tensor:
@@ -80,20 +91,40 @@ def philox4x32(seed: int | torch.Tensor, counter: torch.Tensor, rounds: int = N_
 
 
 def random_bits(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
-    """The 32-bit draws ``r`` for offsets ``start .. start + numel - 1`` (int64 tensor)."""
+    """The generator's 32-bit output words ``start .. start + numel - 1`` (int64 tensor).
+
+    Word ``i`` is output ``i & 3`` of block ``i >> 2``: the raw Philox stream, in the order
+    ``triton.language.randint4x`` yields it. The mask reads it sixteen bits at a time
+    (:func:`draws`).
+    """
     first, last = start >> 2, (start + numel - 1) >> 2
     counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    lanes = torch.stack(philox4x32(seed, counters), dim=1).reshape(-1)  # (4 * groups,)
+    lanes = torch.stack(philox4x32(seed, counters), dim=1).reshape(-1)  # (4 * blocks,)
     skip = start - (first << 2)
     return lanes[skip: skip + numel]
 
 
-def keep_mask(seed: int | torch.Tensor, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The boolean keep-mask of dropout with probability ``p``, for a row-major tensor of ``shape``."""
+def draws(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """The 16-bit draws ``u`` of element offsets ``start .. start + numel - 1`` (int64 tensor).
+
+    Offset ``o`` reads half ``o & 1`` (low first) of word ``o >> 1`` of :func:`random_bits`.
+    """
+    first = start >> 1
+    words = random_bits(seed, ((start + numel - 1) >> 1) - first + 1, device, start=first)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=1).reshape(-1)  # (2 * words,)
+    skip = start - (first << 1)
+    return halves[skip: skip + numel]
+
+
+def keep_mask(seed: int | torch.Tensor, shape: tuple[int, ...] | torch.Size, p: float, device: torch.device | str = "cpu",
+              start: int = 0) -> torch.Tensor:
+    """The boolean keep-mask of dropout with probability ``p`` for a row-major tensor of ``shape``.
+
+    ``start`` is the offset of its first element (a tile of a larger input).
+    """
     numel = 1
     for size in shape:
         numel *= size
     if numel == 0:
         return torch.ones(shape, dtype=torch.bool, device=device)
-    bits = random_bits(seed, numel, device)
-    return ((bits >> 1) >= threshold(p)).reshape(shape)
+    return (draws(seed, numel, device, start) >= threshold(p)).reshape(shape)

@@ -130,7 +130,7 @@ def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 SEED = 2**64 - 987654321  # high bit set: the key's upper word matters
-# (M, K, r): several row tiles with a partial one; K a multiple of 4 (one Philox block per
+# (M, K, r): several row tiles with a partial one; K a multiple of 8 (one Philox block per
 # quad) and not (quads straddle blocks); ranks within one 32-wide tile and across two.
 EMU_SHAPES = [(111, 29, 5), (64, 32, 1), (45, 70, 40)]
 

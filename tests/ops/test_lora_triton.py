@@ -134,7 +134,7 @@ def test_forward_and_gradients_match_reference(shape, dtype, p):
 
 
 @on_device
-@pytest.mark.parametrize("k", [29, 64], ids=["K29", "K64"])
+@pytest.mark.parametrize("k", [29, 36, 64], ids=["K29", "K36", "K64"])
 @pytest.mark.parametrize("seed", [1, 0xFFFF_FFFF, 2**64 - 3], ids=["one", "u32max", "top-bit"])
 def test_in_kernel_mask_is_the_philox_mask(k, seed):
     # Rows from 2**28 on: offsets past 2**32 exercise the counter's high word.
@@ -142,8 +142,7 @@ def test_in_kernel_mask_is_the_philox_mask(k, seed):
     out = torch.zeros(rows, k, dtype=torch.int8, device=DEVICE)
     args = lt._dropout_args(p, seed, k)
     _mask_probe[(1,)](out, args["seed"], row0, k, args["threshold"], BLOCK_M=rows, BLOCK_K=32, K_ALIGNED=args["K_ALIGNED"])
-    bits = philox.random_bits(seed, rows * k, start=row0 * k)
-    expected = ((bits >> 1) >= philox.threshold(p)).reshape(rows, k)
+    expected = philox.keep_mask(seed, (rows, k), p, start=row0 * k)
     assert torch.equal(out.cpu().bool(), expected)
 
 

@@ -1,4 +1,4 @@
-"""The shared dropout generator: pinned Philox4x32-10 values, offsets, and mask statistics."""
+"""The shared dropout generator: pinned Philox4x32-10 values, 16-bit draws, offsets, and mask statistics."""
 
 import torch
 
@@ -41,5 +41,33 @@ def test_tensor_seeds_equal_int_seeds():
 
 
 def test_threshold_boundaries():
-    assert philox.threshold(0.0) == 0 and philox.threshold(0.5) == 2**30
+    assert philox.threshold(0.0) == 0 and philox.threshold(0.5) == 2**15 and philox.threshold(0.1) == 6553
+    assert philox.threshold(1 - 2**-20) == 2**16 - 1  # p < 1 always keeps the draw 0xffff
     assert not philox.keep_mask(3, (1000,), 0.999999).all() and philox.keep_mask(3, (1000,), 1e-12).all()
+
+
+def test_draws_are_the_words_cut_in_halves_low_first():
+    words = philox.random_bits(SEED, 8)
+    expected = [half for w in words.tolist() for half in (w & 0xFFFF, w >> 16)]
+    assert philox.draws(SEED, 16).tolist() == expected
+    # one block (offsets 8g .. 8g + 7) is one Philox call: block 1 is counter 1's outputs
+    block1 = philox.philox4x32(SEED, torch.tensor([1]))
+    assert philox.draws(SEED, 8, start=8).tolist() == [h for w in block1 for h in (int(w) & 0xFFFF, int(w) >> 16)]
+
+
+def test_draws_at_any_start_are_a_slice_of_the_stream():
+    whole = philox.draws(11, 200)
+    for start in (0, 1, 7, 8, 9, 63):
+        assert torch.equal(philox.draws(11, 37, start=start), whole[start: start + 37]), start
+    assert torch.equal(philox.keep_mask(11, (5, 7), 0.4, start=9), (whole[9:44] >= philox.threshold(0.4)).reshape(5, 7))
+
+
+def test_draws_are_uniform_over_16_bits():
+    u = philox.draws(2024, 1 << 18)
+    assert u.min() >= 0 and u.max() < 2**16
+    counts = torch.bincount(u >> 12, minlength=16).double()  # 16 bins of 4096 values
+    expected = u.numel() / 16
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 45.0  # 15 degrees of freedom: P(chi2 > 45) < 1e-4
+    # the two halves of a word are not the same draw
+    assert (u[0::2] == u[1::2]).float().mean() < 1e-3
