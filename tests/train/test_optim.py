@@ -68,3 +68,26 @@ def test_bad_schedules(kwargs, match):
 def test_empty_groups_are_an_error():
     with pytest.raises(ConfigError, match="no parameters to optimise"):
         build_optimizer([{"params": [], "lr": 1.0}])
+
+
+def test_fused_adamw_on_cpu_parameters_and_the_same_update_as_the_default():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fused = build_optimizer([{"params": params, "lr": 1e-2, "weight_decay": 0.1}])
+    plain = torch.optim.AdamW([{"params": twins, "lr": 1e-2, "weight_decay": 0.1}])
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(p, torch.zeros_like(p))
+
+
+def test_parameters_without_fused_kernels_get_the_default_adamw():
+    param = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert not build_optimizer([{"params": [param], "lr": 1.0}]).defaults["fused"]
