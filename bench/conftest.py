@@ -31,6 +31,9 @@ def pytest_configure(config):
     # --benchmark-only together with it).
     config.option.benchmark_disable = False
     torch.set_num_threads(int(os.environ.get("PEFTCORE_BENCH_THREADS", "2")))
+    import e2e
+
+    e2e.steady_allocator()  # the same malloc settings for every setup (see its docstring)
 
 
 @pytest.fixture(scope="session")
