@@ -33,11 +33,13 @@ class Results:
     interleaved_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median, setups alternating
     peak_mb: dict[str, float] = dataclasses.field(default_factory=dict)
     inference_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    inference_interleaved_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median, alternating
     ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # shape, backend, pass, median, min
     bottleneck_ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # the same
 
     def empty(self) -> bool:
-        return not (self.step_s or self.interleaved_s or self.peak_mb or self.inference_s or self.ops or self.bottleneck_ops)
+        return not (self.step_s or self.interleaved_s or self.peak_mb or self.inference_s or self.inference_interleaved_s
+                    or self.ops or self.bottleneck_ops)
 
     # -- targets -----------------------------------------------------------------------------
     def targets(self) -> list[tuple[str, float | None, float]]:
@@ -45,7 +47,7 @@ class Results:
         s, m, i = self.step_s, self.peak_mb, self.inference_s
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
         extra = lambda k: m[k] - m["floor"] if k in m and "floor" in m else None  # noqa: E731
-        il = self.interleaved_s
+        il, ii = self.interleaved_s, self.inference_interleaved_s
         return [
             ("peftcore step / HF PEFT step (dropout 0.1)", ratio(s.get("peftcore_p0.1"), s.get("hf_peft_p0.1")), 0.70),
             ("peftcore step / floor step", ratio(s.get("peftcore_p0.1"), s.get("floor")), 1.10),
@@ -54,6 +56,7 @@ class Results:
             ("peftcore extra peak RSS / HF PEFT extra (dropout 0.1)",
              ratio(extra("peftcore_p0.1"), extra("hf_peft_p0.1")), 0.40),
             ("peftcore unmerged inference / base forward", ratio(i.get("peftcore"), i.get("base")), 1.08),
+            ("  the same, interleaved", ratio(ii.get("peftcore"), ii.get("base")), 1.08),
         ]
 
     def render(self, threads: int) -> str:
@@ -78,12 +81,15 @@ class Results:
             for key, t in self.interleaved_s.items():
                 lines.append(f"{LABELS[key]:<52} {t:>10.3f} s {_fmt(base and t / base, '{:.2f}'):>8}")
             lines.append("")
-        if self.inference_s:
-            base = self.inference_s.get("base")
-            lines.append("inference, batch 32 x 64, eval, no_grad")
+        for title, times in (("inference, batch 32 x 64, eval, no_grad", self.inference_s),
+                             ("inference, the setups below alternating call by call", self.inference_interleaved_s)):
+            if not times:
+                continue
+            base = times.get("base")
+            lines.append(title)
             for key, label in INFERENCE_LABELS.items():
-                if key in self.inference_s:
-                    t = self.inference_s[key]
+                if key in times:
+                    t = times[key]
                     lines.append(f"{label:<52} {t * 1e3:>9.1f} ms {_fmt(base and t / base, '{:.3f}'):>8}")
             lines.append("")
         checks = [(what, value, limit) for what, value, limit in self.targets() if value is not None]

@@ -53,36 +53,53 @@ def test_training_step(benchmark, results, setup):
     results.peak_mb[setup] = benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb(setup)
 
 
-def test_interleaved_training_steps(benchmark, results):
-    """floor, peftcore and HF PEFT alternating step by step: on a shared machine, load that comes
-    and goes hits all three alike, so their ratios are steadier than across separate tests.
-    The benchmark's own number is one round (a step of each)."""
-    names = ("floor", "peftcore_p0.1", "hf_peft_p0.1")
-    data = e2e.batch()
-    setups = {name: e2e.build(name, data) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
+def _interleaved(benchmark, calls: dict, rounds: int) -> dict[str, float]:
+    """Runs ``calls`` one after another each round; the median time of each over the rounds
+    (2 warm-up rounds dropped). Load that comes and goes on a shared machine hits all alike, so
+    their ratios are steadier than across separate tests. The benchmark's own number is a round."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
 
     def one_round():
-        for name, built in setups.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            built.step()
+            call()
             times[name].append(time.perf_counter() - start)
 
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=2, iterations=1)
+    medians = {name: statistics.median(t[2:]) for name, t in times.items()}  # warm-up rounds dropped
+    benchmark.extra_info.update({f"median_{name}_s": t for name, t in medians.items()})
+    return medians
+
+
+def test_interleaved_training_steps(benchmark, results):
+    """floor, peftcore and HF PEFT alternating step by step (the targets' drift-free reading)."""
+    data = e2e.batch()
+    setups = {name: e2e.build(name, data) for name in ("floor", "peftcore_p0.1", "hf_peft_p0.1")}
     benchmark.group = "training step, interleaved"
-    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=2, iterations=1)
-    for name in names:
-        results.interleaved_s[name] = statistics.median(times[name][2:])  # warm-up rounds dropped
-    benchmark.extra_info.update({f"median_{name}_s": results.interleaved_s[name] for name in names})
+    results.interleaved_s.update(_interleaved(benchmark, {n: s.step for n, s in setups.items()}, 2 * ROUNDS))
+
+
+def test_interleaved_inference(benchmark, results):
+    """Base, peftcore (unmerged) and HF PEFT (unmerged) forwards alternating."""
+    calls = {}
+    for name in ("base", "peftcore", "hf_peft"):
+        model, data = e2e.build_inference(name)
+        calls[name] = _no_grad_forward(model, data)
+    benchmark.group = "inference, interleaved"
+    results.inference_interleaved_s.update(_interleaved(benchmark, calls, 4 * ROUNDS))
+
+
+def _no_grad_forward(model, data):
+    def forward():
+        with torch.no_grad():
+            return model(**data).logits
+
+    return forward
 
 
 @pytest.mark.parametrize("setup", ["base", "peftcore", "hf_peft"])
 def test_inference(benchmark, results, setup):
     model, data = e2e.build_inference(setup)
     benchmark.group = "inference"
-
-    def forward():
-        with torch.no_grad():
-            return model(**data).logits
-
-    benchmark.pedantic(forward, rounds=ROUNDS * 2, warmup_rounds=3, iterations=1)
+    benchmark.pedantic(_no_grad_forward(model, data), rounds=ROUNDS * 2, warmup_rounds=3, iterations=1)
     results.inference_s[setup] = benchmark.stats.stats.median
