@@ -43,12 +43,13 @@ PEFTCORE_HD void block(uint64_t seed, uint64_t g, uint32_t out[4]) {
   out[3] = c3;
 }
 
-constexpr int kDrawsPerBlock = 8;
-
 // The 16-bit draw of offset o from the outputs of its block o >> 3: half o & 1 (low first) of
-// output (o >> 1) & 3.
+// output (o >> 1) & 3. The output is picked by selects, not out[...]: a dynamic index would put
+// a CUDA thread's four words in local memory.
 PEFTCORE_HD uint32_t draw16(const uint32_t out[4], uint64_t o) {
-  return (out[(o >> 1) & 3] >> (16 * (o & 1))) & 0xFFFFu;
+  const uint64_t w = (o >> 1) & 3;
+  const uint32_t word = w == 0 ? out[0] : w == 1 ? out[1] : w == 2 ? out[2] : out[3];
+  return (word >> (16 * (o & 1))) & 0xFFFFu;
 }
 
 // floor(p * 2^16): an element is kept iff its 16-bit draw >= threshold(p).

@@ -99,12 +99,6 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v)
 }
 #endif
 
-// Output `word` of a Philox block, by selects rather than a dynamic index (which would put the
-// four words in local memory).
-__device__ __forceinline__ uint32_t word_of(const uint32_t bits[4], uint64_t word) {
-  return word == 0 ? bits[0] : word == 1 ? bits[1] : word == 2 ? bits[2] : bits[3];
-}
-
 // Keep flags of elements (m, k), ..., (m, k + 3) of the (M, K) input: offset o = m * K + k + e,
 // Philox block o >> 3, 16-bit draw = half o & 1 (low first) of output (o >> 1) & 3, kept iff
 // draw >= threshold. Columns past K (a quad that sticks out of the last tile) get flags too;
@@ -123,8 +117,7 @@ __device__ __forceinline__ void keep_quad(const DropoutSpec& drop, int64_t m, in
 #pragma unroll
   for (int e = 0; e < kQuad; ++e) {
     const uint64_t offset = first + e;
-    const uint32_t word = (offset >> 3) == (first >> 3) ? word_of(lo, (offset >> 1) & 3) : word_of(hi, (offset >> 1) & 3);
-    const uint32_t draw = (word >> (16 * (offset & 1))) & 0xFFFFu;
+    const uint32_t draw = (offset >> 3) == (first >> 3) ? philox::draw16(lo, offset) : philox::draw16(hi, offset);
     keep[e] = draw >= drop.threshold;
   }
 }

@@ -38,7 +38,6 @@ _MASK32 = 0xFFFFFFFF
 
 
 DRAW_BITS = 16
-DRAWS_PER_BLOCK = 8
 
 
 def threshold(p: float) -> int:
