@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def _set_prefix(model, keys, values, name="default"):
 def _prompt_cache(model, prompt):
     """Keys and values the model computes for ``prompt`` (1, P): each (L, kv_heads, P, head_dim)."""
     with torch.no_grad():
-        cache = model(prompt, use_cache=True).past_key_values
+        cache = calls.output_cache(model(prompt, use_cache=True))
     return torch.stack([layer.keys[0] for layer in cache.layers]), torch.stack([layer.values[0] for layer in cache.layers])
 
 
@@ -132,18 +133,43 @@ def test_a_returned_cache_continues_and_is_checked():
     peftcore.wrap(model, "prefix", virtual_tokens=3)
     perturb(model.peftcore_prefix)
     ids = token_inputs(length=8)["input_ids"]
+    name = calls.cache_argument(model)  # "cache" (transformers >= 5.24) or "past_key_values"
     with torch.no_grad():
         full = model(ids).logits
-        first = model(ids[:, :5], use_cache=True)
-        assert first.past_key_values.get_seq_length() == 3 + 5
-        rest = model(ids[:, 5:], past_key_values=first.past_key_values).logits
+        first = calls.output_cache(model(ids[:, :5], use_cache=True))
+        assert first.get_seq_length() == 3 + 5
+        rest = model(ids[:, 5:], **{name: first}).logits
     torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
     with peftcore.disabled(model), pytest.raises(peftcore.AdapterStateError, match="virtual tokens of prefix adapter 'default'"):
-        model(ids[:, 5:], past_key_values=first.past_key_values)
+        model(ids[:, 5:], **{name: first})
     with peftcore.disabled(model), torch.no_grad():
-        base_cache = model(ids[:, :5], use_cache=True).past_key_values
+        base_cache = calls.output_cache(model(ids[:, :5], use_cache=True))
     with pytest.raises(peftcore.AdapterStateError, match="computed without prefix adapter 'default'"):
-        model(ids[:, 5:], past_key_values=base_cache)
+        model(ids[:, 5:], **{name: base_cache})
+
+
+def test_the_old_cache_keyword_still_continues_a_cache():
+    """Callers written for transformers < 5.24 pass past_key_values=; the hooks read it under either name."""
+    model = llama()
+    peftcore.wrap(model, "prefix", virtual_tokens=3)
+    perturb(model.peftcore_prefix)
+    ids = token_inputs(length=8)["input_ids"]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers >= 5.24 renames it to cache=
+        full = model(ids).logits
+        first = calls.output_cache(model(ids[:, :5], use_cache=True))
+        rest = model(ids[:, 5:], past_key_values=first).logits
+    torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_passed_under_both_names_is_refused():
+    call = {"input_ids": None, "cache": object(), "past_key_values": object()}
+    with pytest.raises(peftcore.ConfigError, match="both cache= and past_key_values="):
+        calls.get_cache(call)
+    calls.set_cache(call, "cache", "mine")
+    assert call == {"input_ids": None, "cache": "mine"}
+    assert calls.get_cache({"past_key_values": "old"}) == "old"
+    assert calls.get_cache({"input_ids": None}) is None
 
 
 # -- lifecycle -----------------------------------------------------------------------------------------
@@ -329,9 +355,10 @@ def test_positional_call_arguments_are_read_by_name():
     peftcore.wrap(model, "prefix", virtual_tokens=2)
     perturb(model.peftcore_prefix)
     with torch.no_grad():
-        # GPT2LMHeadModel.forward(input_ids, past_key_values, attention_mask, ...)
+        # GPT2LMHeadModel.forward(input_ids, cache (past_key_values before transformers 5.24), attention_mask, ...)
         torch.testing.assert_close(model(inputs["input_ids"], None, inputs["attention_mask"]).logits, output_of(model, inputs))
-    assert calls.as_keywords(model, (1, 2), {"use_cache": False}) == {"input_ids": 1, "past_key_values": 2, "use_cache": False}
+    name = calls.cache_argument(model)
+    assert calls.as_keywords(model, (1, 2), {"use_cache": False}) == {"input_ids": 1, name: 2, "use_cache": False}
 
 
 # -- conformance kit ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from models import (
     FAMILIES, all_hooks, assert_a_failed_wrap_leaves_no_trace, assert_training_lowers_the_loss, gpt2,
     greedy_by_forward, llama, minilm, minilm_inputs, minilm_tokenizer, mlp, output_of, perturb, token_inputs,
 )
+from peftcore.tuners.prefix import calls
 from peftcore.tuners.prompt import PromptConfig
 
 DECODERS = {"gpt2": gpt2, "llama": llama}
@@ -141,13 +142,14 @@ def test_a_returned_cache_continues_and_is_checked():
     peftcore.wrap(model, "prompt", virtual_tokens=3)
     perturb(model.peftcore_prompt)
     ids = token_inputs(length=8)["input_ids"]
+    name = calls.cache_argument(model)  # "cache" (transformers >= 5.24) or "past_key_values"
     with torch.no_grad():
         full = model(ids).logits
-        first = model(ids[:, :5])  # the model makes the cache; the prompt marks it
-        rest = model(ids[:, 5:], past_key_values=first.past_key_values).logits
+        first = calls.output_cache(model(ids[:, :5]))  # the model makes the cache; the prompt marks it
+        rest = model(ids[:, 5:], **{name: first}).logits
     torch.testing.assert_close(rest, full[:, 3 + 5:], rtol=1e-5, atol=1e-5)
     with peftcore.disabled(model), pytest.raises(peftcore.AdapterStateError, match="virtual tokens of prompt adapter"):
-        model(ids[:, 5:], past_key_values=first.past_key_values)
+        model(ids[:, 5:], **{name: first})
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------------

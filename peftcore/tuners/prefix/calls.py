@@ -1,7 +1,8 @@
 """What prefix and prompt tuning share: reading a model's call, tagging caches, finding modules.
 
 Both methods change a transformers model's inputs from a forward pre-hook instead of replacing
-leaf modules: prefix tuning puts learned keys and values into the ``past_key_values`` cache,
+leaf modules: prefix tuning puts learned keys and values into the model's cache (the ``cache``
+argument; ``past_key_values`` before transformers 5.24),
 prompt tuning prepends learned embeddings to ``inputs_embeds``. Both must know, on a later call
 that continues a cache (``generate``, step-by-step decoding), that the cache already holds their
 virtual positions; they mark the cache object with a small tag for that.
@@ -21,6 +22,10 @@ from peftcore.errors import AdapterStateError, ConfigError, UnsupportedModuleErr
 CACHE_TAG = "_peftcore_virtual_tokens"
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+#: The names transformers gives the cache argument of a model or attention forward, newest first:
+#: 5.24 renamed ``past_key_values`` to ``cache`` (the old keyword still works there, with a warning).
+CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 def forward_parameters(module: nn.Module) -> dict[str, inspect.Parameter]:
@@ -48,6 +53,37 @@ def as_keywords(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
         raise TypeError(f"{type(module).__name__}.forward got multiple values for argument {twice[0]!r}")
     call.update(kwargs)
     return call
+
+
+def cache_argument(module: nn.Module) -> str | None:
+    """The name of ``module.forward``'s cache parameter (see ``CACHE_ARGUMENTS``), or None if it has none."""
+    params = forward_parameters(module)
+    return next((name for name in CACHE_ARGUMENTS if name in params), None)
+
+
+def get_cache(call: dict[str, Any]) -> Any:
+    """The cache a call passes, under either name (None if none).
+
+    Raises:
+        ConfigError: the call passes a cache under both names.
+    """
+    given = [name for name in CACHE_ARGUMENTS if call.get(name) is not None]
+    if len(given) > 1:
+        raise ConfigError(f"the model was called with both {given[0]}= and {given[1]}=; pass the cache once, as {given[0]}=")
+    return call[given[0]] if given else None
+
+
+def set_cache(call: dict[str, Any], name: str, cache: Any) -> None:
+    """Puts ``cache`` into a call under ``name`` (the forward's own parameter), dropping the other name."""
+    for other in CACHE_ARGUMENTS:
+        call.pop(other, None)
+    call[name] = cache
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model returned (``output.cache``, or ``output.past_key_values`` before 5.24), or None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def call_shape(call: dict[str, Any]) -> tuple[int, int]:
@@ -88,19 +124,19 @@ def check_cache(cache: Any, method: str, running: str | None) -> tuple[str, int]
     if running is None:
         if tag is not None:
             raise AdapterStateError(
-                f"past_key_values holds the virtual tokens of {method} adapter {tag[0]!r}, which is not running now "
-                f"(inactive, or inside peftcore.disabled); start a new cache (past_key_values=None)"
+                f"the cache holds the virtual tokens of {method} adapter {tag[0]!r}, which is not running now "
+                f"(inactive, or inside peftcore.disabled); start a new cache (cache=None)"
             )
         return None
     if tag is not None and tag[0] != running:
         raise AdapterStateError(
-            f"past_key_values was filled with {method} adapter {tag[0]!r}, but {running!r} runs now; "
-            "start a new cache (past_key_values=None)"
+            f"the cache was filled with {method} adapter {tag[0]!r}, but {running!r} runs now; "
+            "start a new cache (cache=None)"
         )
     if tag is None and cache_length(cache) > 0:
         raise AdapterStateError(
-            f"past_key_values already holds {cache_length(cache)} positions computed without {method} adapter "
-            f"{running!r}, so its virtual tokens cannot go in front of them; start from past_key_values=None "
+            f"the cache already holds {cache_length(cache)} positions computed without {method} adapter "
+            f"{running!r}, so its virtual tokens cannot go in front of them; start from cache=None "
             f"(or from a cache this model returned while {running!r} was running)"
         )
     return tag

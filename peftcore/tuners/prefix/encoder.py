@@ -107,10 +107,13 @@ class PrefixTuning(nn.Module):
     Args:
         hooked_path: path of the transformer body whose forward gets the cache ("" = the model).
         takes_positions: whether the body's forward has a ``position_ids`` parameter.
+        cache_argument: the name of the body's cache parameter (``cache``, or ``past_key_values``
+            before transformers 5.24).
     """
 
-    def __init__(self, hooked_path: str, takes_positions: bool):
+    def __init__(self, hooked_path: str, takes_positions: bool, cache_argument: str = "cache"):
         super().__init__()
+        self.cache_argument = cache_argument
         self.adapters = nn.ModuleDict()
         self.hooked_path = hooked_path
         self.takes_positions = takes_positions
@@ -127,13 +130,13 @@ class PrefixTuning(nn.Module):
 
         running = self.running()
         call = calls.as_keywords(module, args, kwargs)
-        cache = call.get("past_key_values")
+        cache = calls.get_cache(call)
         tag = calls.check_cache(cache, METHOD, running)
         if running is None:
             return None
         if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
             raise AdapterStateError(
-                f"prefix adapter {running!r} feeds the attention layers through past_key_values, which transformers' "
+                f"prefix adapter {running!r} feeds the attention layers through the cache, which transformers' "
                 "checkpointed layers drop in training; call model.activation_checkpointing_disable()"
             )
         batch, length = calls.call_shape(call)
@@ -155,7 +158,7 @@ class PrefixTuning(nn.Module):
             for layer in range(keys.shape[0]):
                 cache.update(keys[layer].expand(batch, -1, -1, -1), values[layer].expand(batch, -1, -1, -1), layer)
             calls.set_cache_tag(cache, METHOD, running, tokens)
-            call["past_key_values"] = cache
+            calls.set_cache(call, self.cache_argument, cache)
         past = calls.cache_length(cache) - tokens  # real positions the cache held before this call
         reference = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
         call["attention_mask"] = calls.extend_mask(call.get("attention_mask"), batch, tokens, past + length, reference.device)

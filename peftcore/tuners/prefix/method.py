@@ -104,17 +104,19 @@ class PrefixMethod:
             )
         for path in targets:
             module = found[path]
-            if "past_key_values" not in calls.forward_parameters(module):
+            if calls.cache_argument(module) is None:
                 raise UnsupportedModuleError(
                     f"the attention module {path!r} ({_describe(module)}) cannot take a cache (its forward has no "
-                    "past_key_values parameter), so prefix tuning cannot reach it; use 'prompt' or 'lora' for this model"
+                    "cache or past_key_values parameter), so prefix tuning cannot reach it; use 'prompt' or 'lora' "
+                    "for this model"
                 )
         body = calls.base_model(model)
         params = calls.forward_parameters(body)
-        missing = [p for p in ("past_key_values", "attention_mask") if p not in params]
+        missing = [name for name, found in (("cache", calls.cache_argument(body) is not None),
+                                            ("attention_mask", "attention_mask" in params)) if not found]
         if missing:
             raise UnsupportedModuleError(
-                f"prefix tuning passes its keys and values as past_key_values, but {_describe(body)}.forward has no "
+                f"prefix tuning passes its keys and values as the model's cache, but {_describe(body)}.forward has no "
                 f"{' or '.join(missing)} parameter; use 'prompt' or 'lora' for this model"
             )
         indices = sorted(getattr(found[p], "layer_idx", None) for p in targets if isinstance(getattr(found[p], "layer_idx", None), int))
@@ -135,7 +137,8 @@ class PrefixMethod:
         like = next(body.parameters())
         holder = _holder(model)
         if holder is None:
-            holder = PrefixTuning(calls.module_path(model, body), "position_ids" in calls.forward_parameters(body))
+            holder = PrefixTuning(calls.module_path(model, body), "position_ids" in calls.forward_parameters(body),
+                                  calls.cache_argument(body) or "cache")
             model.add_module(HOLDER, holder)
             body.register_forward_pre_hook(holder.pre_forward, with_kwargs=True)
         encoder = PrefixEncoder(layers, kv_heads, head_dim, config.virtual_tokens, config.projection, hidden,
@@ -232,7 +235,7 @@ def _vocab_keys_values(body: nn.Module, vocab: int, tokens: int, device: torch.d
     ids = torch.randint(vocab, (1, tokens), device=device)
     cache = DynamicCache(config=getattr(body, "config", None))
     try:
-        body(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
+        body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{calls.cache_argument(body) or "cache": cache})
     except Exception as exc:
         raise UnsupportedModuleError(
             f"prefix init='vocab' runs {type(body).__name__} on {tokens} vocabulary tokens to read its keys and values, "

@@ -46,7 +46,7 @@ class PromptTuning(nn.Module):
         """Forward pre-hook of the model: virtual embeddings in front of the input."""
         running = self.running()
         call = calls.as_keywords(module, args, kwargs)
-        cache = call.get("past_key_values")
+        cache = calls.get_cache(call)
         tag = calls.check_cache(cache, METHOD, running)
         if running is None:
             return None
@@ -100,7 +100,7 @@ class PromptTuning(nn.Module):
     def post_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Forward hook: marks the returned cache as holding the running adapter's virtual tokens."""
         running = self.running()
-        cache = getattr(output, "past_key_values", None)
+        cache = calls.output_cache(output)
         if running is not None and hasattr(cache, "get_seq_length") and calls.cache_tag(cache, METHOD) is None:
             calls.set_cache_tag(cache, METHOD, running, self.embeddings[running].shape[0])
 
