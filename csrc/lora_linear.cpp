@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -50,9 +52,19 @@ namespace cpu_avx2 {
 
 namespace {
 
+// The AVX2+FMA loops when the CPU has them, unless PEFTCORE_CPU_KERNELS=portable asks for the
+// plain loops (which every other CPU runs): the tests use it to check those on any machine.
+// Read once per process.
 bool use_avx2() {
 #ifdef PEFTCORE_HAS_AVX2_BUILD
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = [] {
+    const char* env = std::getenv("PEFTCORE_CPU_KERNELS");
+    const std::string choice = env == nullptr ? "" : env;
+    TORCH_CHECK(choice.empty() || choice == "auto" || choice == "portable",
+                "PEFTCORE_CPU_KERNELS must be 'auto' (the default: AVX2+FMA loops where the CPU has them) or "
+                "'portable' (the plain loops), got '", choice, "'");
+    return choice != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
   return yes;
 #else
   return false;

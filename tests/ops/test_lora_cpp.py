@@ -3,6 +3,11 @@ the dropout mask bit for bit, gradcheck, opcheck, odd shapes (hypothesis), and b
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -227,3 +232,32 @@ def test_inference_without_grad_matches_reference(lead, dtype, merged, bias):
     assert got.shape == want.shape and got.dtype == dtype
     assert _rel_err(got, want) <= TOLERANCE[dtype]
     assert torch.equal(W, W_before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("PEFTCORE_CPU_KERNELS") == "portable", reason="this run is the portable one")
+def test_the_portable_loops_pass_these_tests_too():
+    """The plain loops (what CPUs without AVX2+FMA run) pass this file's tests, on any machine.
+
+    ``PEFTCORE_CPU_KERNELS=portable`` is read once per process, so the file runs again in a
+    subprocess with it set (without the hypothesis test, for time).
+    """
+    env = {**os.environ, "PEFTCORE_CPU_KERNELS": "portable"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", __file__, "-k", "not hypothesis", "-x"],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
+
+
+def test_an_unknown_kernel_choice_is_refused():
+    code = (
+        "import torch; from peftcore.ops import _extension; _extension.load(); "
+        "torch.ops.peftcore.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), "
+        "torch.randn(3, 1), 1.0, 0.1, torch.tensor(1))"
+    )
+    env = {**os.environ, "PEFTCORE_CPU_KERNELS": "avx9"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "PEFTCORE_CPU_KERNELS must be 'auto'" in run.stderr and "got 'avx9'" in run.stderr
