@@ -144,16 +144,38 @@ inline void dropout_multipliers(uint64_t seed, int64_t start, int64_t n, uint32_
 }
 
 #ifdef PEFTCORE_AVX2
+// The dropout mask applied in registers, from the 16-bit draws: float rows never get a buffer of
+// multipliers or dropped copies of their own (forward), and grad_x is masked as it is written
+// (backward). Lanes of 8 draws widen to 32 bits; kept iff draw > threshold - 1 (signed compare:
+// draws and threshold are below 2^16; threshold 0 gives -1, which keeps everything).
+inline __m256 keep_lanes(const uint16_t* u, __m256i t_minus_1) {
+  const __m256i d = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(d, t_minus_1));
+}
+
+// dst[k] = keep(u[k]) ? v[k] : 0.
+inline void select_row_f32(const float* v, const uint16_t* u, int32_t threshold, int64_t L, float* dst) {
+  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
+  int64_t k = 0;
+  for (; k + 8 <= L; k += 8) _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_loadu_ps(v + k), keep_lanes(u + k, t1)));
+  for (; k < L; ++k) dst[k] = static_cast<int32_t>(u[k]) >= threshold ? v[k] : 0.f;
+}
+
 // float versions of the three products below with explicit AVX2: GCC keeps the generic
 // versions' accumulator arrays on the stack (a load and a store around every FMA), which
-// measured about 3x slower.
-inline void project_row_f32(const float* v, const float* P, int64_t L, int64_t r_pad, float* out) {
+// measured about 3x slower. With Masked, the dropout mask of draws u applies in registers:
+// project_row_f32 sums over the kept elements of v only, expand_row_f32 writes 0 where dropped.
+template <bool Masked>
+inline void project_row_f32(const float* v, const uint16_t* u, int32_t threshold, const float* P, int64_t L,
+                            int64_t r_pad, float* out) {
+  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
   const int64_t l_main = L - L % 8;
   for (int64_t jb = 0; jb < r_pad; jb += 8) {
     const float* p = P + jb * L;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     for (int64_t k = 0; k < l_main; k += 8) {
-      const __m256 x = _mm256_loadu_ps(v + k);
+      __m256 x = _mm256_loadu_ps(v + k);
+      if constexpr (Masked) x = _mm256_and_ps(x, keep_lanes(u + k, t1));
       a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + k), a0);
       a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + L + k), a1);
       a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 2 * L + k), a2);
@@ -169,12 +191,17 @@ inline void project_row_f32(const float* v, const float* P, int64_t L, int64_t r
     const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
     _mm256_storeu_ps(out + jb, sums);
     for (int64_t k = l_main; k < L; ++k) {
+      if (Masked && static_cast<int32_t>(u[k]) < threshold) continue;
       for (int64_t j = 0; j < 8; ++j) out[jb + j] += v[k] * p[j * L + k];
     }
   }
 }
 
-inline void expand_row_f32(const float* c, const float* E, int64_t L, int64_t r_pad, float* dst) {
+template <bool Masked>
+inline void expand_row_f32(const float* c, const float* E, int64_t L, int64_t r_pad, const uint16_t* u,
+                           int32_t threshold, float* dst) {
+  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
+  const auto masked = [&](__m256 a, int64_t at) { return Masked ? _mm256_and_ps(a, keep_lanes(u + at, t1)) : a; };
   int64_t k = 0;
   for (; k + 32 <= L; k += 32) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -186,20 +213,20 @@ inline void expand_row_f32(const float* c, const float* E, int64_t L, int64_t r_
       a2 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e + 16), a2);
       a3 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e + 24), a3);
     }
-    _mm256_storeu_ps(dst + k, a0);
-    _mm256_storeu_ps(dst + k + 8, a1);
-    _mm256_storeu_ps(dst + k + 16, a2);
-    _mm256_storeu_ps(dst + k + 24, a3);
+    _mm256_storeu_ps(dst + k, masked(a0, k));
+    _mm256_storeu_ps(dst + k + 8, masked(a1, k + 8));
+    _mm256_storeu_ps(dst + k + 16, masked(a2, k + 16));
+    _mm256_storeu_ps(dst + k + 24, masked(a3, k + 24));
   }
   for (; k + 8 <= L; k += 8) {
     __m256 a0 = _mm256_setzero_ps();
     for (int64_t j = 0; j < r_pad; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(c[j]), _mm256_loadu_ps(E + j * L + k), a0);
-    _mm256_storeu_ps(dst + k, a0);
+    _mm256_storeu_ps(dst + k, masked(a0, k));
   }
   for (; k < L; ++k) {
     float sum = 0.f;
     for (int64_t j = 0; j < r_pad; ++j) sum += c[j] * E[j * L + k];
-    dst[k] = sum;
+    dst[k] = Masked && static_cast<int32_t>(u[k]) < threshold ? 0.f : sum;
   }
 }
 
@@ -226,92 +253,12 @@ inline void accumulate_rows_f32(const float* c, const float* const* v, int64_t L
 }
 #endif
 
-#ifdef PEFTCORE_AVX2
-// The dropout mask applied in registers, from the 16-bit draws: float rows never get a buffer of
-// multipliers or dropped copies of their own (forward), and grad_x is masked as it is written
-// (backward). Lanes of 8 draws widen to 32 bits; kept iff draw > threshold - 1 (signed compare:
-// draws and threshold are below 2^16; threshold 0 gives -1, which keeps everything).
-inline __m256 keep_lanes(const uint16_t* u, __m256i t_minus_1) {
-  const __m256i d = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(d, t_minus_1));
-}
-
-// out[j] = sum_k keep(u[k]) v[k] P[j, k] for j < r_pad: project_row_f32 over the kept elements.
-inline void project_row_masked_f32(const float* v, const uint16_t* u, int32_t threshold, const float* P, int64_t L,
-                                   int64_t r_pad, float* out) {
-  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
-  const int64_t l_main = L - L % 8;
-  for (int64_t jb = 0; jb < r_pad; jb += 8) {
-    const float* p = P + jb * L;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int64_t k = 0; k < l_main; k += 8) {
-      const __m256 x = _mm256_and_ps(_mm256_loadu_ps(v + k), keep_lanes(u + k, t1));
-      a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + k), a0);
-      a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + L + k), a1);
-      a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 2 * L + k), a2);
-      a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 3 * L + k), a3);
-      a4 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 4 * L + k), a4);
-      a5 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 5 * L + k), a5);
-      a6 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 6 * L + k), a6);
-      a7 = _mm256_fmadd_ps(x, _mm256_loadu_ps(p + 7 * L + k), a7);
-    }
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-    _mm256_storeu_ps(out + jb, sums);
-    for (int64_t k = l_main; k < L; ++k) {
-      if (static_cast<int32_t>(u[k]) < threshold) continue;
-      for (int64_t j = 0; j < 8; ++j) out[jb + j] += v[k] * p[j * L + k];
-    }
-  }
-}
-
-// dst[k] = keep(u[k]) ? v[k] : 0.
-inline void select_row_f32(const float* v, const uint16_t* u, int32_t threshold, int64_t L, float* dst) {
-  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
-  int64_t k = 0;
-  for (; k + 8 <= L; k += 8) _mm256_storeu_ps(dst + k, _mm256_and_ps(_mm256_loadu_ps(v + k), keep_lanes(u + k, t1)));
-  for (; k < L; ++k) dst[k] = static_cast<int32_t>(u[k]) >= threshold ? v[k] : 0.f;
-}
-
-// dst[k] = keep(u[k]) ? sum_j c[j] E[j, k] : 0: expand_row_f32 with the mask applied on the way out.
-inline void expand_row_masked_f32(const float* c, const float* E, int64_t L, int64_t r_pad, const uint16_t* u,
-                                  int32_t threshold, float* dst) {
-  const __m256i t1 = _mm256_set1_epi32(threshold - 1);
-  int64_t k = 0;
-  for (; k + 32 <= L; k += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t j = 0; j < r_pad; ++j) {
-      const __m256 cj = _mm256_set1_ps(c[j]);
-      const float* e = E + j * L + k;
-      a0 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e), a0);
-      a1 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e + 8), a1);
-      a2 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e + 16), a2);
-      a3 = _mm256_fmadd_ps(cj, _mm256_loadu_ps(e + 24), a3);
-    }
-    _mm256_storeu_ps(dst + k, _mm256_and_ps(a0, keep_lanes(u + k, t1)));
-    _mm256_storeu_ps(dst + k + 8, _mm256_and_ps(a1, keep_lanes(u + k + 8, t1)));
-    _mm256_storeu_ps(dst + k + 16, _mm256_and_ps(a2, keep_lanes(u + k + 16, t1)));
-    _mm256_storeu_ps(dst + k + 24, _mm256_and_ps(a3, keep_lanes(u + k + 24, t1)));
-  }
-  for (; k + 8 <= L; k += 8) {
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t j = 0; j < r_pad; ++j) a0 = _mm256_fmadd_ps(_mm256_set1_ps(c[j]), _mm256_loadu_ps(E + j * L + k), a0);
-    _mm256_storeu_ps(dst + k, _mm256_and_ps(a0, keep_lanes(u + k, t1)));
-  }
-  for (; k < L; ++k) {
-    float sum = 0.f;
-    for (int64_t j = 0; j < r_pad; ++j) sum += c[j] * E[j * L + k];
-    dst[k] = static_cast<int32_t>(u[k]) >= threshold ? sum : 0.f;
-  }
-}
-#endif
 
 // out[j] = sum_k v[k] * P[j, k] for j < r_pad. P: (r_pad, L).
 template <typename acc_t>
 inline void project_row(const acc_t* v, const acc_t* P, int64_t L, int64_t r_pad, acc_t* out) {
 #ifdef PEFTCORE_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) return project_row_f32(v, P, L, r_pad, out);
+  if constexpr (std::is_same_v<acc_t, float>) return project_row_f32<false>(v, nullptr, 0, P, L, r_pad, out);
 #endif
   const int64_t l_main = L - L % kLanes;
   for (int64_t jb = 0; jb < r_pad; jb += kRankBlock) {
@@ -337,7 +284,7 @@ inline void project_row(const acc_t* v, const acc_t* P, int64_t L, int64_t r_pad
 template <typename acc_t>
 inline void expand_row(const acc_t* c, const acc_t* E, int64_t L, int64_t r_pad, acc_t* dst) {
 #ifdef PEFTCORE_AVX2
-  if constexpr (std::is_same_v<acc_t, float>) return expand_row_f32(c, E, L, r_pad, dst);
+  if constexpr (std::is_same_v<acc_t, float>) return expand_row_f32<false>(c, E, L, r_pad, nullptr, 0, dst);
 #endif
   constexpr int64_t kWide = 4 * kLanes;
   const int64_t l_main = L - L % kWide;
@@ -412,7 +359,7 @@ void forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, int64_t K, int
 #ifdef PEFTCORE_AVX2
       if constexpr (std::is_same_v<scalar_t, float>) {  // the mask in registers; s applied to the r sums
         const uint16_t* u = draws16(seed, m * K, K, w.words.data(), w.draws.data());
-        project_row_masked_f32(xm, u, static_cast<int32_t>(threshold), A, K, r_pad, out.data());
+        project_row_f32<true>(xm, u, static_cast<int32_t>(threshold), A, K, r_pad, out.data());
         for (int64_t j = 0; j < r; ++j) h[m * r + j] = s * out[j];
         continue;
       }
@@ -474,7 +421,7 @@ void backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* h,
           for (int64_t j = 0; j < r_pad; ++j) cg[j] *= s;
           select_row_f32(xm, u, static_cast<int32_t>(threshold), K, xd);
           xd_rows[i] = xd;
-          if (grad_x != nullptr) expand_row_masked_f32(cg, A, K, r_pad, u, static_cast<int32_t>(threshold), grad_x + m * K);
+          if (grad_x != nullptr) expand_row_f32<true>(cg, A, K, r_pad, u, static_cast<int32_t>(threshold), grad_x + m * K);
           continue;
         }
 #endif
