@@ -23,6 +23,10 @@ LABELS = {
 }
 INFERENCE_LABELS = {"base": "base model", "peftcore": "peftcore, unmerged adapter", "hf_peft": "HF PEFT, unmerged adapter"}
 
+#: How far apart the same reference setup may measure in its own test and interleaved before the
+#: summary says that the machine's load changed during the run.
+DRIFT = 0.05
+
 
 @dataclasses.dataclass
 class Results:
@@ -58,6 +62,19 @@ class Results:
             ("peftcore unmerged inference / base forward", ratio(i.get("peftcore"), i.get("base")), 1.08),
             ("  the same, interleaved", ratio(ii.get("peftcore"), ii.get("base")), 1.08),
         ]
+
+    def drift(self) -> list[str]:
+        """Notes for each reference setup (floor, base forward) whose own test and interleaved
+        median differ by more than ``DRIFT``: the load changed between the tests, so the
+        separate-test ratios are off and the interleaved ones (same load for every setup) hold."""
+        notes = []
+        for what, own, alternating in (("floor step", self.step_s.get("floor"), self.interleaved_s.get("floor")),
+                                       ("base forward", self.inference_s.get("base"), self.inference_interleaved_s.get("base"))):
+            if own and alternating and abs(own / alternating - 1) > DRIFT:
+                notes.append(f"load changed during the run: the {what} took {own:.3f} s in its own test and "
+                             f"{alternating:.3f} s interleaved ({abs(own / alternating - 1):.0%} apart); "
+                             "read the interleaved ratios")
+        return notes
 
     def render(self, threads: int) -> str:
         lines = [f"machine: {platform.processor() or platform.machine()}, torch threads: {threads}", ""]
@@ -98,6 +115,7 @@ class Results:
             for what, value, limit in checks:
                 verdict = "met" if value <= limit else "NOT met"
                 lines.append(f"{what:<56} {value:>6.2f}  (<= {limit:.2f})  {verdict}")
+            lines += self.drift()
             lines.append("")
         if self.ops:
             lines.append(f"lora_linear per op, fp32, rank 8, dropout 0.1    {'median ms':>10} {'min ms':>8}")
