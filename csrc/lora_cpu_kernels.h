@@ -253,7 +253,6 @@ inline void accumulate_rows_f32(const float* c, const float* const* v, int64_t L
 }
 #endif
 
-
 // out[j] = sum_k v[k] * P[j, k] for j < r_pad. P: (r_pad, L).
 template <typename acc_t>
 inline void project_row(const acc_t* v, const acc_t* P, int64_t L, int64_t r_pad, acc_t* out) {

@@ -140,8 +140,9 @@ def test_a_returned_cache_continues_and_is_checked():
         assert first.get_seq_length() == 3 + 5
         rest = model(ids[:, 5:], **{name: first}).logits
     torch.testing.assert_close(rest, full[:, 5:], rtol=1e-5, atol=1e-5)
-    with peftcore.disabled(model), pytest.raises(peftcore.AdapterStateError, match="virtual tokens of prefix adapter 'default'"):
+    with peftcore.disabled(model), pytest.raises(peftcore.AdapterStateError, match="virtual tokens of prefix adapter 'default'") as err:
         model(ids[:, 5:], **{name: first})
+    assert f"start a new cache ({name}=None)" in str(err.value)  # the model's own keyword
     with peftcore.disabled(model), torch.no_grad():
         base_cache = calls.output_cache(model(ids[:, :5], use_cache=True))
     with pytest.raises(peftcore.AdapterStateError, match="computed without prefix adapter 'default'"):

@@ -112,8 +112,10 @@ def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
-def check_cache(cache: Any, method: str, running: str | None) -> tuple[str, int] | None:
+def check_cache(cache: Any, method: str, running: str | None, keyword: str = "cache") -> tuple[str, int] | None:
     """The tag of ``method`` in ``cache``, after checking that it fits the adapter running now.
+
+    ``keyword`` is the model's name for the cache argument, for the messages.
 
     Raises:
         AdapterStateError: the cache was filled with another adapter of the method, or with none
@@ -125,18 +127,18 @@ def check_cache(cache: Any, method: str, running: str | None) -> tuple[str, int]
         if tag is not None:
             raise AdapterStateError(
                 f"the cache holds the virtual tokens of {method} adapter {tag[0]!r}, which is not running now "
-                f"(inactive, or inside peftcore.disabled); start a new cache (cache=None)"
+                f"(inactive, or inside peftcore.disabled); start a new cache ({keyword}=None)"
             )
         return None
     if tag is not None and tag[0] != running:
         raise AdapterStateError(
             f"the cache was filled with {method} adapter {tag[0]!r}, but {running!r} runs now; "
-            "start a new cache (cache=None)"
+            f"start a new cache ({keyword}=None)"
         )
     if tag is None and cache_length(cache) > 0:
         raise AdapterStateError(
             f"the cache already holds {cache_length(cache)} positions computed without {method} adapter "
-            f"{running!r}, so its virtual tokens cannot go in front of them; start from cache=None "
+            f"{running!r}, so its virtual tokens cannot go in front of them; start from {keyword}=None "
             f"(or from a cache this model returned while {running!r} was running)"
         )
     return tag

@@ -107,13 +107,10 @@ class PrefixTuning(nn.Module):
     Args:
         hooked_path: path of the transformer body whose forward gets the cache ("" = the model).
         takes_positions: whether the body's forward has a ``position_ids`` parameter.
-        cache_argument: the name of the body's cache parameter (``cache``, or ``past_key_values``
-            before transformers 5.24).
     """
 
-    def __init__(self, hooked_path: str, takes_positions: bool, cache_argument: str = "cache"):
+    def __init__(self, hooked_path: str, takes_positions: bool):
         super().__init__()
-        self.cache_argument = cache_argument
         self.adapters = nn.ModuleDict()
         self.hooked_path = hooked_path
         self.takes_positions = takes_positions
@@ -130,8 +127,9 @@ class PrefixTuning(nn.Module):
 
         running = self.running()
         call = calls.as_keywords(module, args, kwargs)
+        keyword = calls.cache_argument(module) or "cache"  # past_key_values before transformers 5.24
         cache = calls.get_cache(call)
-        tag = calls.check_cache(cache, METHOD, running)
+        tag = calls.check_cache(cache, METHOD, running, keyword)
         if running is None:
             return None
         if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
@@ -158,7 +156,7 @@ class PrefixTuning(nn.Module):
             for layer in range(keys.shape[0]):
                 cache.update(keys[layer].expand(batch, -1, -1, -1), values[layer].expand(batch, -1, -1, -1), layer)
             calls.set_cache_tag(cache, METHOD, running, tokens)
-            calls.set_cache(call, self.cache_argument, cache)
+            calls.set_cache(call, keyword, cache)
         past = calls.cache_length(cache) - tokens  # real positions the cache held before this call
         reference = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
         call["attention_mask"] = calls.extend_mask(call.get("attention_mask"), batch, tokens, past + length, reference.device)

@@ -137,8 +137,7 @@ class PrefixMethod:
         like = next(body.parameters())
         holder = _holder(model)
         if holder is None:
-            holder = PrefixTuning(calls.module_path(model, body), "position_ids" in calls.forward_parameters(body),
-                                  calls.cache_argument(body) or "cache")
+            holder = PrefixTuning(calls.module_path(model, body), "position_ids" in calls.forward_parameters(body))
             model.add_module(HOLDER, holder)
             body.register_forward_pre_hook(holder.pre_forward, with_kwargs=True)
         encoder = PrefixEncoder(layers, kv_heads, head_dim, config.virtual_tokens, config.projection, hidden,
