@@ -10,6 +10,7 @@ virtual positions; they mark the cache object with a small tag for that.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -56,9 +57,27 @@ def as_keywords(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[
 
 
 def cache_argument(module: nn.Module) -> str | None:
-    """The name of ``module.forward``'s cache parameter (see ``CACHE_ARGUMENTS``), or None if it has none."""
-    params = forward_parameters(module)
+    """The name of ``module.forward``'s cache parameter (see ``CACHE_ARGUMENTS``), or None if it has none.
+
+    Read once per class (the hooks ask on every call), unless the instance has a ``forward`` of its own.
+    """
+    if "forward" in vars(module):
+        return _cache_name(forward_parameters(module))
+    return _class_cache_argument(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_cache_argument(cls: type) -> str | None:
+    return _cache_name(inspect.signature(cls.forward).parameters)
+
+
+def _cache_name(params: Any) -> str | None:
     return next((name for name in CACHE_ARGUMENTS if name in params), None)
+
+
+def cache_keyword(module: nn.Module) -> str:
+    """The keyword to pass ``module`` a cache under: its own (``cache_argument``), else the current name."""
+    return cache_argument(module) or CACHE_ARGUMENTS[0]
 
 
 def get_cache(call: dict[str, Any]) -> Any:

@@ -127,7 +127,7 @@ class PrefixTuning(nn.Module):
 
         running = self.running()
         call = calls.as_keywords(module, args, kwargs)
-        keyword = calls.cache_argument(module) or "cache"  # past_key_values before transformers 5.24
+        keyword = calls.cache_keyword(module)  # past_key_values before transformers 5.24
         cache = calls.get_cache(call)
         tag = calls.check_cache(cache, METHOD, running, keyword)
         if running is None:

@@ -234,7 +234,7 @@ def _vocab_keys_values(body: nn.Module, vocab: int, tokens: int, device: torch.d
     ids = torch.randint(vocab, (1, tokens), device=device)
     cache = DynamicCache(config=getattr(body, "config", None))
     try:
-        body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{calls.cache_argument(body) or "cache": cache})
+        body(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{calls.cache_keyword(body): cache})
     except Exception as exc:
         raise UnsupportedModuleError(
             f"prefix init='vocab' runs {type(body).__name__} on {tokens} vocabulary tokens to read its keys and values, "

@@ -47,7 +47,7 @@ class PromptTuning(nn.Module):
         running = self.running()
         call = calls.as_keywords(module, args, kwargs)
         cache = calls.get_cache(call)
-        tag = calls.check_cache(cache, METHOD, running, calls.cache_argument(module) or "cache")
+        tag = calls.check_cache(cache, METHOD, running, calls.cache_keyword(module))
         if running is None:
             return None
         if getattr(cache, "is_compileable", False):
