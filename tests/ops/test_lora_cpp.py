@@ -91,7 +91,9 @@ def test_without_bias_and_without_input_grad(p):
 
 def test_mask_is_bit_identical_to_philox():
     # With A = I and x = 1, h = dropout(1) exposes the mask: kept entries are exactly 1 / (1 - p).
-    # Row lengths cover every path of the AVX2 generator (groups of 32, 16 and 8 blocks, scalar tail).
+    # Row lengths cover every path of the AVX2 and AVX-512 generators (groups of 32, 16 and 8
+    # blocks, scalar tail); the file's rerun with PEFTCORE_CPU_KERNELS=avx2 checks the AVX2 one on
+    # CPUs that have AVX-512.
     cases = [((7, 13), 0), ((50, 37), 2**62 - 1), ((3, 4), -5), ((1, 1), 0x123456789ABCDEF), ((9, 301), 99),
              ((4, 100), 7), ((2, 1000), 11)]
     for (M, K), seed in cases:
@@ -234,15 +236,28 @@ def test_inference_without_grad_matches_reference(lead, dtype, merged, bias):
     assert torch.equal(W, W_before)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("PEFTCORE_CPU_KERNELS") == "portable", reason="this run is the portable one")
-def test_the_portable_loops_pass_these_tests_too():
-    """The plain loops (what CPUs without AVX2+FMA run) pass this file's tests, on any machine.
+def _has_avx512f() -> bool:
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return True  # unknown: run the avx2 rerun anyway (it is never wrong, only maybe redundant)
 
-    ``PEFTCORE_CPU_KERNELS=portable`` is read once per process, so the file runs again in a
-    subprocess with it set (without the hypothesis test, for time).
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", ["portable", "avx2"])
+def test_the_other_loops_pass_these_tests_too(kernels):
+    """The loops that other CPUs run pass this file's tests, on any machine.
+
+    ``portable``: the plain loops (CPUs without AVX2+FMA). ``avx2``: the AVX2 loops with their
+    own Philox (CPUs without AVX-512F; on those the default run already is this one).
+    ``PEFTCORE_CPU_KERNELS`` is read once per process, so the file runs again in a subprocess
+    with it set (without the hypothesis test, for time).
     """
-    env = {**os.environ, "PEFTCORE_CPU_KERNELS": "portable"}
+    if os.environ.get("PEFTCORE_CPU_KERNELS") in {"portable", "avx2"}:
+        pytest.skip("this run is itself a rerun")
+    if kernels == "avx2" and not _has_avx512f():
+        pytest.skip("no AVX-512F here: the default run of this file already ran the AVX2 loops")
+    env = {**os.environ, "PEFTCORE_CPU_KERNELS": kernels}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", __file__, "-k", "not hypothesis", "-x"],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=600,
