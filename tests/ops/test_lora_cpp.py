@@ -159,6 +159,43 @@ def test_frozen_weight_gets_no_gradient():
     assert W.grad is None and A.grad is not None and B.grad is not None
 
 
+@pytest.mark.parametrize("needs", ["all", "x_only", "params_only", "weight_unfrozen"])
+def test_eager_and_registered_autograd_agree(needs):
+    """Eager training runs the C++ autograd Function (lora_linear_autograd); torch.compile traces
+    the op's registered Python formula. Both give the same gradients, whatever needs them."""
+    x, W, b, A, B = _inputs((3, 7), 24, 10, 4, torch.float64)
+    if needs == "x_only":
+        for t in (b, A, B):
+            t.requires_grad_(False)
+    elif needs == "params_only":
+        x.requires_grad_(False)
+    elif needs == "weight_unfrozen":
+        W.requires_grad_(True)
+    seed = torch.tensor(77)
+    y = lora.lora_linear(x, W, b, A, B, 1.7, 0.3, seed, backend="cpp")
+    assert "LoraLinearFunction" in y.grad_fn.next_functions[0][0].name()  # under the reshape to (3, 7, N)
+    y_reg, _ = torch.ops.peftcore.lora_linear(x.reshape(-1, 24), W, b, A, B, 1.7, 0.3, seed)
+    torch.testing.assert_close(y.reshape(-1, 10), y_reg, rtol=0, atol=0)
+    leaves = [t for t in (x, W, b, A, B) if t.requires_grad]
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, g)
+    want = torch.autograd.grad(y_reg, leaves, g.reshape(-1, 10))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    ref = torch.autograd.grad(lora.reference_lora_linear(x, W, b, A, B, 1.7, 0.3, seed), leaves, g)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_second_differentiation_is_refused_clearly():
+    x, W, b, A, B = _inputs((4,), 8, 5, 2, torch.float32)
+    y = lora.lora_linear(x, W, b, A, B, 1.0, 0.2, torch.tensor(1), backend="cpp")
+    grad_x, = torch.autograd.grad(y.sum(), x, create_graph=True)  # a first derivative is fine
+    torch.testing.assert_close(grad_x, torch.autograd.grad(y.sum(), x, retain_graph=True)[0])
+    with pytest.raises(RuntimeError, match="differentiable once.*backend='reference'"):
+        grad_x.sum().backward()
+
+
 def test_results_do_not_depend_on_thread_count():
     x, W, b, A, B = _inputs((600,), 70, 30, 6, torch.float32)
     seed = torch.tensor(11)
