@@ -346,33 +346,60 @@ inline const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buf) {
   }
 }
 
-// Forward rows [m0, m1): h[m, :r] = (x[m] * mult[m]) A^T with mult the dropout multipliers of
-// row m (or 1 without dropout).
+// out = s keep(v) P^T for a float row with the dropout mask applied in registers (AVX2 loops):
+// no buffer of multipliers or dropped copy of the row. Returns false where that path does not
+// exist (other types, the portable loops): the caller then goes through the multipliers.
 template <typename scalar_t, typename acc_t>
-void forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, int64_t K, int64_t r, int64_t r_pad, bool dropout,
-                  uint64_t seed, uint32_t threshold, acc_t s, int64_t m0, int64_t m1) {
-  Scratch<acc_t> w(K, 0, r_pad);
-  std::vector<acc_t> out(r_pad);
+inline bool project_dropped_row_in_registers(const scalar_t* v, const acc_t* P, int64_t L, int64_t r_pad, uint64_t seed,
+                                             int64_t start, uint32_t threshold, acc_t s, Scratch<acc_t>& w, acc_t* out) {
+#ifdef PEFTCORE_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const uint16_t* u = draws16(seed, start, L, w.words.data(), w.draws.data());
+    project_row_f32<true>(v, u, static_cast<int32_t>(threshold), P, L, r_pad, out);
+    for (int64_t j = 0; j < r_pad; ++j) out[j] *= s;
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Forward rows [m0, m1): h[m, :r] = (x[m] * mult[m]) A^T with mult the dropout multipliers of
+// row m (or 1 without dropout), then y[m] = bias + scale h[m] B^T (Bt = B^T as (r_pad, N); bias
+// may be null): the output row is written once, here, while h[m] is in registers; the base GEMM
+// accumulates x W^T into it afterwards. y[m] is computed from h[m] as stored (rounded to
+// scalar_t), as the backward sees it.
+template <typename scalar_t, typename acc_t>
+void forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, const acc_t* Bt, const scalar_t* bias, scalar_t* y,
+                  int64_t K, int64_t N, int64_t r, int64_t r_pad, bool dropout, uint64_t seed, uint32_t threshold,
+                  acc_t s, acc_t scale, int64_t m0, int64_t m1) {
+  Scratch<acc_t> w(K, N, r_pad);
+  std::vector<acc_t> out(r_pad), coeff(r_pad, acc_t(0));
   for (int64_t m = m0; m < m1; ++m) {
     const scalar_t* xm = x + m * K;
-    const acc_t* v;
-    if (dropout) {
-#ifdef PEFTCORE_AVX2
-      if constexpr (std::is_same_v<scalar_t, float>) {  // the mask in registers; s applied to the r sums
-        const uint16_t* u = draws16(seed, m * K, K, w.words.data(), w.draws.data());
-        project_row_f32<true>(xm, u, static_cast<int32_t>(threshold), A, K, r_pad, out.data());
-        for (int64_t j = 0; j < r; ++j) h[m * r + j] = s * out[j];
-        continue;
-      }
-#endif
+    if (!dropout) {
+      project_row<acc_t>(as_acc<scalar_t, acc_t>(xm, K, w.xd.data()), A, K, r_pad, out.data());
+    } else if (!project_dropped_row_in_registers<scalar_t, acc_t>(xm, A, K, r_pad, seed, m * K, threshold, s, w,
+                                                                  out.data())) {
       dropout_multipliers<acc_t>(seed, m * K, K, threshold, s, w.words.data(), w.draws.data(), w.mult.data());
       for (int64_t k = 0; k < K; ++k) w.xd[k] = w.mult[k] * static_cast<acc_t>(xm[k]);
-      v = w.xd.data();
-    } else {
-      v = as_acc<scalar_t, acc_t>(xm, K, w.xd.data());
+      project_row<acc_t>(w.xd.data(), A, K, r_pad, out.data());
     }
-    project_row<acc_t>(v, A, K, r_pad, out.data());
-    for (int64_t j = 0; j < r; ++j) h[m * r + j] = static_cast<scalar_t>(out[j]);
+    for (int64_t j = 0; j < r; ++j) {
+      h[m * r + j] = static_cast<scalar_t>(out[j]);
+      coeff[j] = scale * static_cast<acc_t>(h[m * r + j]);
+    }
+    scalar_t* ym = y + m * N;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      expand_row<acc_t>(coeff.data(), Bt, N, r_pad, ym);
+      if (bias != nullptr) {
+        for (int64_t n = 0; n < N; ++n) ym[n] += bias[n];
+      }
+    } else {
+      expand_row<acc_t>(coeff.data(), Bt, N, r_pad, w.gy.data());
+      for (int64_t n = 0; n < N; ++n) {
+        ym[n] = static_cast<scalar_t>(w.gy[n] + (bias != nullptr ? static_cast<acc_t>(bias[n]) : acc_t(0)));
+      }
+    }
   }
 }
 
