@@ -171,6 +171,10 @@ TORCH_LIBRARY_FRAGMENT(peftcore, m) {
   // residual: (M, N) or None (then N == K); activation: relu | gelu | gelu_tanh | silu.
   m.def("bottleneck(Tensor x, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, float scale, "
         "str activation, Tensor? residual) -> (Tensor, Tensor)");
+  // bottleneck with its autograd formula in C++ (csrc/autograd.cpp): returns y only; the eager
+  // training path. Its backward calls bottleneck_backward below.
+  m.def("bottleneck_autograd(Tensor x, Tensor W_down, Tensor? b_down, Tensor W_up, Tensor? b_up, float scale, "
+        "str activation, Tensor? residual) -> Tensor");
   // Gradients (grad_x, grad_W_down, grad_b_down, grad_W_up, grad_b_up); an output whose
   // output_mask entry is false is returned as None. residual_is_x adds grad_y to grad_x.
   m.def("bottleneck_backward(Tensor grad_y, Tensor x, Tensor W_down, Tensor W_up, Tensor h, float scale, "

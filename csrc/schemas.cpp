@@ -32,7 +32,7 @@ TORCH_LIBRARY(peftcore, m) {
   //   grad_B = scale * grad_y^T h                                  (N, r)   [output_mask[2]]
   // The mask is regenerated from (seed, offset); the weight gets no gradient and no weight-sized
   // buffer. An output whose output_mask entry is false is returned as None.
-  // lora_linear with its autograd formula in C++ (csrc/lora_autograd.cpp): returns y only; the
+  // lora_linear with its autograd formula in C++ (csrc/autograd.cpp): returns y only; the
   // eager training path. Its backward calls lora_linear_backward below.
   m.def("lora_linear_autograd(Tensor x, Tensor weight, Tensor? bias, Tensor A, Tensor B, float scale, "
         "float dropout_p, Tensor seed) -> Tensor");

@@ -4,7 +4,9 @@ The C++ file declares the two ops (forward, backward) with ``TORCH_LIBRARY_FRAGM
 implements them for the CPU with ``TORCH_LIBRARY_IMPL``; this module adds what makes them
 first-class torch ops: fake (meta) kernels, so ``torch.compile`` and meta tensors can trace them,
 and the autograd formula (``torch.library.register_autograd``), which saves ``x``, both weights and
-the pre-activation ``h`` (``(M, r)``) and calls the backward op.
+the pre-activation ``h`` (``(M, r)``) and calls the backward op. Eager training calls
+``peftcore::bottleneck_autograd`` instead (``csrc/autograd.cpp``): the same formula and saved
+tensors as a C++ autograd Function, without Python in the backward.
 
 Registration runs once, when :func:`peftcore.ops._extension.load` first imports ``peftcore._C``
 (as for the ``lora_linear`` op), and only if the build declares these ops.
@@ -35,6 +37,11 @@ def _ops_present() -> tuple[bool, str]:
     if not present:
         return False, (
             "the built extension peftcore._C predates csrc/bottleneck.cpp (no peftcore::bottleneck op); "
+            "rebuild it with 'pip install --no-build-isolation -e .'"
+        )
+    if not hasattr(torch.ops.peftcore, "bottleneck_autograd"):
+        return False, (
+            "the built extension peftcore._C has no peftcore::bottleneck_autograd op (an old build); "
             "rebuild it with 'pip install --no-build-isolation -e .'"
         )
     return True, ""
@@ -110,7 +117,13 @@ def cpp_bottleneck(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])  # (M, N)
-    y, _ = torch.ops.peftcore.bottleneck(x2, W_down, b_down, W_up, b_up, float(scale), activation, r2)
+    args = (x2, W_down, b_down, W_up, b_up, float(scale), activation, r2)
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        y, _ = torch.ops.peftcore.bottleneck.default(*args)
+    else:
+        # Eager training: the registered formula as a C++ autograd Function (csrc/autograd.cpp);
+        # forward plus backward of a 111 x 129 adapter: see docs/benchmarks.md.
+        y = torch.ops.peftcore.bottleneck_autograd.default(*args)
     return y.reshape(*lead, W_up.shape[0])
 
 

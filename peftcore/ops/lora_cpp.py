@@ -9,7 +9,7 @@ same ops). This module adds what the C++ side leaves to Python, for every device
   copy), the rank-sized ``h`` and the seed, plus references to the parameters; backward calls
   ``lora_linear_backward``, which regenerates the dropout mask instead of reading a stored one.
   ``torch.compile`` traces this one. Eager training calls ``peftcore::lora_linear_autograd``
-  instead (``csrc/lora_autograd.cpp``): the same formula and saved tensors as a C++ autograd
+  instead (``csrc/autograd.cpp``): the same formula and saved tensors as a C++ autograd
   Function, without Python in the backward.
 
 Registration runs once, when :func:`peftcore.ops._extension.load` first imports ``peftcore._C``.
@@ -128,7 +128,7 @@ def cpp_lora_linear(
         y, _ = torch.ops.peftcore.lora_linear.default(*args)
         return y
     # Eager training: the same formula as the registration above, as a C++ autograd Function
-    # (csrc/lora_autograd.cpp). The registered Python autograd cost about 0.3 ms per layer and
+    # (csrc/autograd.cpp). The registered Python autograd cost about 0.3 ms per layer and
     # step whatever the shapes (forward + backward of a 16 x 64 layer: 0.35 ms through a Python
     # Function, 0.24 ms through this op, against 0.09 ms for the frozen nn.Linear alone).
     return torch.ops.peftcore.lora_linear_autograd.default(*args)

@@ -212,6 +212,36 @@ def test_cpp_opcheck(residual, bias):
 
 
 @needs_cpp
+@pytest.mark.parametrize("residual, bias, frozen_x", [(True, True, False), (False, False, False), (True, False, True)])
+def test_cpp_eager_and_registered_autograd_agree(residual, bias, frozen_x):
+    """Eager training runs the C++ autograd Function (bottleneck_autograd); torch.compile traces the
+    op's registered Python formula. Both give the same gradients, whichever inputs need them."""
+    x, W_down, b_down, W_up, b_up, res = make_args((3, 4), 9, 5, 9, residual, dtype=torch.float64, bias=bias)
+    if frozen_x:
+        x = x.detach()
+    y = bottleneck_cpp.cpp_bottleneck(x, W_down, b_down, W_up, b_up, 0.8, "silu", res)
+    assert "BottleneckFunction" in y.grad_fn.next_functions[0][0].name()  # under the reshape to (3, 4, N)
+    flat_res = None if res is None else res.reshape(-1, 9)
+    y_reg, _ = torch.ops.peftcore.bottleneck(x.reshape(-1, 9), W_down, b_down, W_up, b_up, 0.8, "silu", flat_res)
+    torch.testing.assert_close(y.reshape(-1, 9), y_reg, rtol=0, atol=0)
+    leaves = [t for t in (x, W_down, b_down, W_up, b_up, res) if t is not None and t.requires_grad]
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, g)
+    want = torch.autograd.grad(y_reg, leaves, g.reshape(-1, 9))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+def test_cpp_second_differentiation_is_refused_clearly():
+    x, W_down, b_down, W_up, b_up, _ = make_args((4,), 6, 3, 6, False)
+    y = bottleneck_cpp.cpp_bottleneck(x, W_down, b_down, W_up, b_up, 1.0, "gelu")
+    grad_x, = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="bottleneck is differentiable once.*backend='reference'"):
+        grad_x.sum().backward()
+
+
+@needs_cpp
 def test_cpp_op_rejects_bad_shapes_with_a_clear_message():
     x, W_down, b_down, W_up, b_up, _ = make_args((4,), 6, 3, 6, False)
     with pytest.raises(RuntimeError, match="W_down .* does not fit x"):
