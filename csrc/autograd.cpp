@@ -51,8 +51,8 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   return op.call(grad_y, x, weight, A, B, h, scale, dropout_p, seed, output_mask);
 }
 
-// What Python's @once_differentiable does: under create_graph=True the gradients get a node that
-// raises if they are ever differentiated, instead of silently acting as constants.
+// Under create_graph=True: the gradients get a node that raises if they are ever differentiated,
+// instead of silently acting as constants.
 void mark_once_differentiable(variable_list& grads, const char* op) {
   variable_list leaves;
   std::vector<size_t> where;
@@ -68,6 +68,22 @@ void mark_once_differentiable(variable_list& grads, const char* op) {
       static_cast<int64_t>(leaves.size()));
   const variable_list wrapped = (*error)(std::move(leaves));
   for (size_t k = 0; k < where.size(); ++k) grads[where[k]] = wrapped[k];
+}
+
+// A backward the way Python's @once_differentiable runs one: no gradients for an undefined
+// grad_y (materialize_grads is off), body(grad_y, out) under no_grad filling the n_inputs
+// gradients, and under create_graph=True gradients that refuse a second differentiation.
+template <typename Body>
+variable_list once_differentiable(const variable_list& grads, size_t n_inputs, const char* op, Body&& body) {
+  variable_list out(n_inputs);
+  if (!grads[0].defined()) return out;
+  const bool create_graph = at::GradMode::is_enabled();
+  {
+    at::NoGradGuard no_grad;
+    body(grads[0], out);
+  }
+  if (create_graph) mark_once_differentiable(out, op);
+  return out;
 }
 
 }  // namespace
@@ -93,35 +109,27 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
 
   // Gradients of x, weight, bias, A, B (undefined for scale, dropout_p and seed).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(8);
-    const at::Tensor& grad_y = grads[0];
-    if (!grad_y.defined()) return out;
-    const bool create_graph = at::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &A = saved[2], &B = saved[3], &h = saved[4], &seed = saved[5];
-    // needs_input_grad counts tensor inputs only: without a bias, A and B are inputs 2 and 3.
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const int64_t a_input = has_bias ? 3 : 2;
-    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
-    const bool need_bias = has_bias && ctx->needs_input_grad(2);
-    const bool need_A = ctx->needs_input_grad(a_input), need_B = ctx->needs_input_grad(a_input + 1);
-    if (need_x || need_A || need_B) {
-      auto [gx, gA, gB] = call_backward(grad_y, x, weight, A, B, h, ctx->saved_data["scale"].toDouble(),
-                                        ctx->saved_data["dropout_p"].toDouble(), seed, {need_x, need_A, need_B});
-      if (gx.has_value()) out[0] = *gx;
-      if (gA.has_value()) out[3] = *gA;
-      if (gB.has_value()) out[4] = *gB;
-    }
-    // The base weight is frozen under LoRA, so this weight-sized product normally never runs; it
-    // is here so that a user who unfreezes the weight gets its gradient rather than none.
-    if (need_w) out[1] = grad_y.t().mm(x);
-    if (need_bias) out[2] = grad_y.sum(0);
-    if (create_graph) {
-      at::AutoGradMode grad_mode(true);
-      mark_once_differentiable(out, "lora_linear");
-    }
-    return out;
+    return once_differentiable(grads, 8, "lora_linear", [ctx](const at::Tensor& grad_y, variable_list& out) {
+      const variable_list saved = ctx->get_saved_variables();
+      const at::Tensor &x = saved[0], &weight = saved[1], &A = saved[2], &B = saved[3], &h = saved[4], &seed = saved[5];
+      // needs_input_grad counts tensor inputs only: without a bias, A and B are inputs 2 and 3.
+      const bool has_bias = ctx->saved_data["has_bias"].toBool();
+      const int64_t a_input = has_bias ? 3 : 2;
+      const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+      const bool need_bias = has_bias && ctx->needs_input_grad(2);
+      const bool need_A = ctx->needs_input_grad(a_input), need_B = ctx->needs_input_grad(a_input + 1);
+      if (need_x || need_A || need_B) {
+        auto [gx, gA, gB] = call_backward(grad_y, x, weight, A, B, h, ctx->saved_data["scale"].toDouble(),
+                                          ctx->saved_data["dropout_p"].toDouble(), seed, {need_x, need_A, need_B});
+        if (gx.has_value()) out[0] = *gx;
+        if (gA.has_value()) out[3] = *gA;
+        if (gB.has_value()) out[4] = *gB;
+      }
+      // The base weight is frozen under LoRA, so this weight-sized product normally never runs;
+      // it is here so that a user who unfreezes the weight gets its gradient rather than none.
+      if (need_w) out[1] = grad_y.t().mm(x);
+      if (need_bias) out[2] = grad_y.sum(0);
+    });
   }
 };
 
@@ -178,39 +186,31 @@ struct BottleneckFunction : public torch::autograd::Function<BottleneckFunction>
 
   // Gradients of x, W_down, b_down, W_up, b_up and residual (undefined for scale and activation).
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(8);
-    const at::Tensor& grad_y = grads[0];
-    if (!grad_y.defined()) return out;
-    const bool create_graph = at::GradMode::is_enabled();
-    at::NoGradGuard no_grad;
-    const variable_list saved = ctx->get_saved_variables();
-    const bool has_b_down = ctx->saved_data["has_b_down"].toBool(), has_b_up = ctx->saved_data["has_b_up"].toBool();
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    // needs_input_grad counts tensor inputs only: absent biases and residual take no index.
-    int64_t next = 2;
-    const bool need_x = ctx->needs_input_grad(0), need_Wd = ctx->needs_input_grad(1);
-    const bool need_bd = has_b_down && ctx->needs_input_grad(next++);
-    const bool need_Wu = ctx->needs_input_grad(next++);
-    const bool need_bu = has_b_up && ctx->needs_input_grad(next++);
-    const bool need_residual = has_residual && ctx->needs_input_grad(next);
-    const std::array<bool, 5> mask = {need_x, need_Wd, need_bd, need_Wu, need_bu};
-    if (need_x || need_Wd || need_bd || need_Wu || need_bu) {
-      auto grads5 = call_bottleneck_backward(grad_y.contiguous(), saved[0], saved[1], saved[2], saved[3],
-                                             ctx->saved_data["scale"].toDouble(),
-                                             ctx->saved_data["activation"].toStringRef(), !has_residual, mask);
-      const std::array<c10::optional<at::Tensor>, 5> g = {std::get<0>(grads5), std::get<1>(grads5),
-                                                          std::get<2>(grads5), std::get<3>(grads5),
-                                                          std::get<4>(grads5)};
-      for (size_t i = 0; i < 5; ++i) {
-        if (mask[i] && g[i].has_value()) out[i] = *g[i];
+    return once_differentiable(grads, 8, "bottleneck", [ctx](const at::Tensor& grad_y, variable_list& out) {
+      const variable_list saved = ctx->get_saved_variables();
+      const bool has_b_down = ctx->saved_data["has_b_down"].toBool(), has_b_up = ctx->saved_data["has_b_up"].toBool();
+      const bool has_residual = ctx->saved_data["has_residual"].toBool();
+      // needs_input_grad counts tensor inputs only: absent biases and residual take no index.
+      int64_t next = 2;
+      const bool need_x = ctx->needs_input_grad(0), need_Wd = ctx->needs_input_grad(1);
+      const bool need_bd = has_b_down && ctx->needs_input_grad(next++);
+      const bool need_Wu = ctx->needs_input_grad(next++);
+      const bool need_bu = has_b_up && ctx->needs_input_grad(next++);
+      const bool need_residual = has_residual && ctx->needs_input_grad(next);
+      const std::array<bool, 5> mask = {need_x, need_Wd, need_bd, need_Wu, need_bu};
+      if (need_x || need_Wd || need_bd || need_Wu || need_bu) {
+        auto grads5 = call_bottleneck_backward(grad_y.contiguous(), saved[0], saved[1], saved[2], saved[3],
+                                               ctx->saved_data["scale"].toDouble(),
+                                               ctx->saved_data["activation"].toStringRef(), !has_residual, mask);
+        const std::array<c10::optional<at::Tensor>, 5> g = {std::get<0>(grads5), std::get<1>(grads5),
+                                                            std::get<2>(grads5), std::get<3>(grads5),
+                                                            std::get<4>(grads5)};
+        for (size_t i = 0; i < 5; ++i) {
+          if (mask[i] && g[i].has_value()) out[i] = *g[i];
+        }
       }
-    }
-    if (need_residual) out[7] = grad_y;
-    if (create_graph) {
-      at::AutoGradMode grad_mode(true);
-      mark_once_differentiable(out, "bottleneck");
-    }
-    return out;
+      if (need_residual) out[7] = grad_y;
+    });
   }
 };
 
