@@ -58,7 +58,7 @@ namespace cpu_avx2 {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
+#pragma GCC target("avx512f,avx2,fma")
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized inside its own set1/setr helpers.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -147,6 +147,11 @@ void philox_blocks_avx512(uint64_t seed, uint64_t g0, int64_t n_blocks, uint32_t
   }
   for (; i < n_blocks; ++i) philox::block(seed, g0 + static_cast<uint64_t>(i), out + 4 * i);
 }
+
+// The float32 row passes on AVX-512F (see the header), used where cpu_kernels() says so.
+namespace cpu_avx512 {
+#include "lora_avx512_kernels.h"
+}  // namespace cpu_avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
@@ -179,6 +184,7 @@ CpuKernels cpu_kernels() {
 }
 
 bool use_avx2() { return cpu_kernels() != CpuKernels::kPortable; }
+bool use_avx512() { return cpu_kernels() == CpuKernels::kAvx512; }
 
 }  // namespace
 
@@ -214,9 +220,11 @@ uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.
 
 // A factor in the accumulation type, padded with zero rows to a multiple of kRankBlock: the
 // factor itself when it already is one (a contiguous fp32/fp64 factor of rank 8, 16, ...).
+int64_t padded_rank(int64_t r) { return (r + cpu_default::kRankBlock - 1) / cpu_default::kRankBlock * cpu_default::kRankBlock; }
+
 at::Tensor padded_factor(const at::Tensor& F) {
   const int64_t r = F.size(0);
-  const int64_t r_pad = (r + cpu_default::kRankBlock - 1) / cpu_default::kRankBlock * cpu_default::kRankBlock;
+  const int64_t r_pad = padded_rank(r);
   if (r == r_pad && F.is_contiguous() && F.scalar_type() == at::toOpMathType(F.scalar_type())) return F;
   at::Tensor out = at::zeros({r_pad, F.size(1)}, F.options().dtype(at::toOpMathType(F.scalar_type())));
   out.narrow(0, 0, r).copy_(F);
@@ -257,8 +265,13 @@ std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& x, const c10:
     const acc_t sc = static_cast<acc_t>(scale);
     const int64_t r_pad = Ap.size(0);
     const bool avx2 = use_avx2();
+    const bool avx512 = use_avx512();
     at::parallel_for(0, M, row_grain(K + N), [&](int64_t m0, int64_t m1) {
 #ifdef PEFTCORE_HAS_AVX2_BUILD
+      if (avx512 && cpu_avx512::forward_rows<scalar_t, acc_t>(xp, ap, hp, btp, bp, yp, K, N, r, r_pad, dropout, seed,
+                                                              threshold, s, sc, m0, m1)) {
+        return;
+      }
       if (avx2) {
         cpu_avx2::forward_rows<scalar_t, acc_t>(xp, ap, hp, btp, bp, yp, K, N, r, r_pad, dropout, seed, threshold, s, sc,
                                                  m0, m1);
@@ -322,8 +335,10 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   const int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(64, (M + 255) / 256));
   const int64_t rows_per_part = std::max<int64_t>(1, (M + n_parts - 1) / n_parts);
   at::Tensor gx = want_x ? at::empty({M, K}, x.options()) : at::Tensor();
-  at::Tensor part_A = want_A ? at::zeros({n_parts, r, K}, x.options().dtype(acc_type)) : at::Tensor();
-  at::Tensor part_Bt = want_B ? at::zeros({n_parts, r, N}, x.options().dtype(acc_type)) : at::Tensor();
+  // Partial sums with r_pad rank rows (the rows past r stay zero and are cut off below).
+  const int64_t r_pad = padded_rank(r);
+  at::Tensor part_A = want_A ? at::zeros({n_parts, r_pad, K}, x.options().dtype(acc_type)) : at::Tensor();
+  at::Tensor part_Bt = want_B ? at::zeros({n_parts, r_pad, N}, x.options().dtype(acc_type)) : at::Tensor();
   if (M > 0 && r > 0) {
     const at::Tensor gyc = grad_y.contiguous();
     const at::Tensor xc = x.contiguous();
@@ -345,15 +360,19 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       acc_t* pb = want_B ? part_Bt.mutable_data_ptr<acc_t>() : nullptr;
       const acc_t s = static_cast<acc_t>(dropout ? 1.0 / (1.0 - dropout_p) : 1.0);
       const acc_t sc = static_cast<acc_t>(scale);
-      const int64_t r_pad = Ap.size(0);
       const bool avx2 = use_avx2();
+      const bool avx512 = use_avx512();
       at::parallel_for(0, n_parts, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t m0 = b * rows_per_part, m1 = std::min(M, m0 + rows_per_part);
           if (m0 >= m1) continue;
-          acc_t* a_part = pa == nullptr ? nullptr : pa + b * r * K;
-          acc_t* b_part = pb == nullptr ? nullptr : pb + b * r * N;
+          acc_t* a_part = pa == nullptr ? nullptr : pa + b * r_pad * K;
+          acc_t* b_part = pb == nullptr ? nullptr : pb + b * r_pad * N;
 #ifdef PEFTCORE_HAS_AVX2_BUILD
+          if (avx512 && cpu_avx512::backward_rows<scalar_t, acc_t>(gyp, xp, hp, ap, btp, gxp, a_part, b_part, K, N, r,
+                                                                   r_pad, sc, dropout, seed_v, threshold, s, m0, m1)) {
+            continue;
+          }
           if (avx2) {
             cpu_avx2::backward_rows<scalar_t, acc_t>(gyp, xp, hp, ap, btp, gxp, a_part, b_part, K, N, r, r_pad, sc,
                                                       dropout, seed_v, threshold, s, m0, m1);
@@ -370,7 +389,9 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   }
   // The partial sums in order (one part: no pass at all); grad_B's scale is already in (see
   // backward_rows).
-  const auto reduce = [n_parts](const at::Tensor& parts) { return n_parts == 1 ? parts.select(0, 0) : parts.sum(0); };
+  const auto reduce = [n_parts, r](const at::Tensor& parts) {
+    return (n_parts == 1 ? parts.select(0, 0) : parts.sum(0)).narrow(0, 0, r);
+  };
   if (want_A) grad_A = reduce(part_A).to(x.scalar_type());
   if (want_B) grad_B = reduce(part_Bt).t().to(x.scalar_type()).contiguous();
   if (want_x) {

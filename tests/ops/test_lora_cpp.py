@@ -31,6 +31,7 @@ SHAPES = [  # (leading dims of x, K, N, r)
     ((1,), 1, 1, 1),
     ((5,), 8, 3, 9),  # r > K
     ((2, 3, 7), 33, 40, 12),
+    ((2, 33), 200, 47, 24),  # rank blocks of 8 x 3; row blocks of 32, 32 and 2; 16-lane chunks + tail
 ]
 
 

@@ -1,0 +1,298 @@
+// float32 row passes of the CPU lora_linear op on AVX-512F: what `auto` runs on CPUs that have it
+// (PEFTCORE_CPU_KERNELS=avx2 runs the AVX2 loops of lora_cpu_kernels.h instead; other dtypes
+// always do). No include guard: lora_linear.cpp includes this file once, inside namespace
+// cpu_avx512 under `#pragma GCC target("avx512f,avx2,fma")`, after cpu_avx2, whose draws16 (the
+// dropout mask's Philox draws) it reuses.
+//
+// The AVX2 loops go row by row (or four rows at a time) and stream the rank-sized factor and
+// the gradient accumulator through L1 for every row: at K = 1536 both are 48 KB, L1's size, so
+// every row paid L2 traffic for them besides its multiply-adds. These loops go column chunk by
+// column chunk over a block of rows instead: 16 columns of 8 rank rows of the factor, and of the
+// gradient accumulator, sit in 16 registers while all rows of the block pass, so a row costs
+// its own loads, its stores and the multiply-adds, and each rank coefficient broadcast serves
+// two products (grad_x and grad_A in one pass). The projections (x A^T, grad_y B) go row-major,
+// two rows at a time, each chunk of the factor loaded once for both rows.
+//
+// Layouts as for the AVX2 loops: contiguous rows; the factors A (r_pad, K) and B^T (r_pad, N)
+// and the gradient accumulators (r_pad, K) and (r_pad, N) in float with zero rows up to r_pad,
+// a multiple of kRanks.
+
+constexpr int64_t kRanks = 8;   // rank rows per pass: 8 factor and 8 accumulator registers
+constexpr int64_t kBlock = 32;  // rows per block: their x, grad_x and draws chunks stay in L1/L2
+constexpr int64_t kPrefetch = 4 * 16;  // software prefetch distance along a row, in elements
+
+// Lanes 0 .. n - 1 (n < 16) of a chunk: the loads and stores of a row's last, partial chunk.
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Kept lanes of 16 draws: draw > threshold - 1, as keep_lanes in the AVX2 loops.
+inline __mmask16 keep16(const uint16_t* u, __m512i t_minus_1) {
+  const __m512i d = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+  return _mm512_cmpgt_epi32_mask(d, t_minus_1);
+}
+
+// [sum(a[0]), ..., sum(a[7])]: each vector's 16 lanes summed.
+inline __m256 sum_lanes8(const __m512* a) {
+  __m256 b[kRanks];
+  for (int j = 0; j < kRanks; ++j) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j]), 1));
+    b[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), hi);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(b[0], b[1]), _mm256_hadd_ps(b[2], b[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(b[4], b[5]), _mm256_hadd_ps(b[6], b[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// out[i][j] = sum_k keep_i(k) v[i][k] P[j, k] for j < r_pad and R rows at once (each chunk of P
+// loaded once for the R rows); without Masked every element is kept and u is not read.
+template <int R, bool Masked>
+inline void project_rows(const float* const* v, const uint16_t* const* u, __m512i t1, const float* P, int64_t L,
+                         int64_t r_pad, float* const* out) {
+  const int64_t l_main = L - L % 16;
+  for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
+    const float* p = P + jb * L;
+    __m512 acc[R][kRanks];
+    for (int i = 0; i < R; ++i) {
+      for (int j = 0; j < kRanks; ++j) acc[i][j] = _mm512_setzero_ps();
+    }
+    const auto chunk = [&](int64_t k, __mmask16 lanes) {
+      __m512 xv[R];
+      for (int i = 0; i < R; ++i) {
+        __builtin_prefetch(v[i] + k + kPrefetch, 0, 3);
+        xv[i] = _mm512_maskz_loadu_ps(Masked ? lanes & keep16(u[i] + k, t1) : lanes, v[i] + k);
+      }
+      for (int j = 0; j < kRanks; ++j) {
+        __m512 pj = _mm512_maskz_loadu_ps(lanes, p + j * L + k);
+        // In a register for the R rows: GCC would otherwise fold the load into each row's
+        // multiply-add (R loads of the same chunk, and the loads, not the FMAs, set the pace).
+        if constexpr (R > 1) asm("" : "+v"(pj));
+        for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], pj, acc[i][j]);
+      }
+    };
+    for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
+    if (l_main < L) chunk(l_main, tail_mask(L - l_main));
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(out[i] + jb, sum_lanes8(acc[i]));
+  }
+}
+
+// Rows of a block, pairwise through project_rows (a lone last row on its own).
+template <bool Masked>
+inline void project_block(const float* const* v, const uint16_t* const* u, __m512i t1, const float* P, int64_t L,
+                          int64_t r_pad, int64_t rows, float* c) {
+  int64_t i = 0;
+  for (; i + 2 <= rows; i += 2) {
+    float* out[2] = {c + i * r_pad, c + (i + 1) * r_pad};
+    project_rows<2, Masked>(v + i, u + i, t1, P, L, r_pad, out);
+  }
+  if (i < rows) {
+    float* out[1] = {c + i * r_pad};
+    project_rows<1, Masked>(v + i, u + i, t1, P, L, r_pad, out);
+  }
+}
+
+// dst[i] = (bias or 0) + sum_j c[i][j] E[j] for the rows of a block (E: (r_pad, L); c: rows x
+// r_pad coefficients; dst rows ld apart): a chunk of 8 rank rows of E in registers while every
+// row's output chunk is written once. Rank blocks after the first add into dst.
+inline void expand_block(const float* c, int64_t rows, const float* E, int64_t L, int64_t r_pad, const float* bias,
+                         float* dst, int64_t ld) {
+  const int64_t l_main = L - L % 16;
+  for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
+    const float* e = E + jb * L;
+    const auto chunk = [&](int64_t k, __mmask16 lanes) {
+      __m512 ej[kRanks];
+      for (int j = 0; j < kRanks; ++j) ej[j] = _mm512_maskz_loadu_ps(lanes, e + j * L + k);
+      const __m512 b0 = jb == 0 && bias != nullptr ? _mm512_maskz_loadu_ps(lanes, bias + k) : _mm512_setzero_ps();
+      for (int64_t i = 0; i < rows; ++i) {
+        float* d = dst + i * ld + k;
+        __builtin_prefetch(d + kPrefetch, 1, 3);  // own the row's line ahead of the store
+        // Two chains of four multiply-adds rather than one of eight: half the latency per row.
+        __m512 acc0 = jb == 0 ? b0 : _mm512_maskz_loadu_ps(lanes, d);
+        __m512 acc1 = _mm512_setzero_ps();
+        const float* ci = c + i * r_pad + jb;
+        for (int j = 0; j < kRanks; j += 2) {
+          acc0 = _mm512_fmadd_ps(_mm512_set1_ps(ci[j]), ej[j], acc0);
+          acc1 = _mm512_fmadd_ps(_mm512_set1_ps(ci[j + 1]), ej[j + 1], acc1);
+        }
+        _mm512_mask_storeu_ps(d, lanes, _mm512_add_ps(acc0, acc1));
+      }
+    };
+    for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
+    if (l_main < L) chunk(l_main, tail_mask(L - l_main));
+  }
+}
+
+// Room for one row's draws from draws16 (which writes whole Philox blocks from an offset that
+// may start mid-block) plus the 16-lane reads of the last chunk.
+inline int64_t draws_stride(int64_t L) { return 8 * (L / 8 + 2) + 32; }
+
+// Forward rows [m0, m1): h[m] = s keep(x[m]) A^T (s = 1 / (1 - p); every element kept without
+// dropout) and y[m] = bias + scale h[m] B^T, block by block. y[m] is computed from h[m] as
+// stored; the base GEMM accumulates x W^T into y afterwards.
+inline void forward_rows_f32(const float* x, const float* A, float* h, const float* Bt, const float* bias, float* y,
+                             int64_t K, int64_t N, int64_t r, int64_t r_pad, bool dropout, uint64_t seed,
+                             uint32_t threshold, float s, float scale, int64_t m0, int64_t m1) {
+  const int64_t du = draws_stride(K);
+  std::vector<uint32_t> words(4 * (K / 8 + 2));
+  std::vector<uint16_t> draws(dropout ? kBlock * du : 0);
+  std::vector<float> proj(kBlock * r_pad), coeff(kBlock * r_pad, 0.f);
+  const __m512i t1 = _mm512_set1_epi32(static_cast<int32_t>(threshold) - 1);
+  const float* xr[kBlock];
+  const uint16_t* ur[kBlock] = {};
+  for (int64_t mb = m0; mb < m1; mb += kBlock) {
+    const int64_t rows = std::min(kBlock, m1 - mb);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t m = mb + i;
+      xr[i] = x + m * K;
+      if (dropout) ur[i] = cpu_avx2::draws16(seed, m * K, K, words.data(), draws.data() + i * du);
+    }
+    if (dropout) {
+      project_block<true>(xr, ur, t1, A, K, r_pad, rows, proj.data());
+    } else {
+      project_block<false>(xr, ur, t1, A, K, r_pad, rows, proj.data());
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t m = mb + i;
+      for (int64_t j = 0; j < r; ++j) {
+        h[m * r + j] = s * proj[i * r_pad + j];
+        coeff[i * r_pad + j] = scale * h[m * r + j];
+      }
+    }
+    expand_block(coeff.data(), rows, Bt, N, r_pad, bias, y + mb * N, N);
+  }
+}
+
+// grad_Bt[j] += sum_i c[i][j] v[i] over the rows of a block (v rows ld apart): a chunk of 8
+// accumulator rows in registers while the rows pass.
+inline void accumulate_block(const float* c, int64_t rows, const float* v, int64_t ld, int64_t L, int64_t r_pad,
+                             float* acc) {
+  const int64_t l_main = L - L % 16;
+  for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
+    float* a = acc + jb * L;
+    const auto chunk = [&](int64_t k, __mmask16 lanes) {
+      __m512 g[kRanks];
+      for (int j = 0; j < kRanks; ++j) g[j] = _mm512_maskz_loadu_ps(lanes, a + j * L + k);
+      for (int64_t i = 0; i < rows; ++i) {
+        const __m512 vi = _mm512_maskz_loadu_ps(lanes, v + i * ld + k);
+        const float* ci = c + i * r_pad + jb;
+        for (int j = 0; j < kRanks; ++j) g[j] = _mm512_fmadd_ps(_mm512_set1_ps(ci[j]), vi, g[j]);
+      }
+      for (int j = 0; j < kRanks; ++j) _mm512_mask_storeu_ps(a + j * L + k, lanes, g[j]);
+    };
+    for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
+    if (l_main < L) chunk(l_main, tail_mask(L - l_main));
+  }
+}
+
+// The pass over K for the rows of a block, with c[i] = s gh[i] (s = 1 / (1 - p)):
+//   grad_x[i] = keep_i (c[i] A)          (if gx; written, rank blocks after the first add)
+//   grad_A   += c[i]^T keep_i(x[i])      (if grad_A)
+// A chunk of 8 rank rows of A and of grad_A in registers; each coefficient broadcast serves both.
+template <bool Dropout>
+inline void input_side_block(const float* c, int64_t rows, const float* x, const uint16_t* const* u, __m512i t1,
+                             const float* A, int64_t K, int64_t r_pad, float* gx, float* grad_A) {
+  const int64_t l_main = K - K % 16;
+  for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
+    const float* a = A + jb * K;
+    float* ga = grad_A == nullptr ? nullptr : grad_A + jb * K;
+    const auto chunk = [&](int64_t k, __mmask16 lanes) {
+      __m512 aj[kRanks], g[kRanks];
+      for (int j = 0; j < kRanks; ++j) {
+        aj[j] = _mm512_maskz_loadu_ps(lanes, a + j * K + k);
+        g[j] = ga == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, ga + j * K + k);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        // The rows' chunks are kPrefetch chunks ahead in flight: x comes from memory in a column
+        // pattern across rows that the hardware prefetchers do not follow (half the pass's time
+        // went on waiting for these loads), and grad_x's lines are owned before the stores.
+        if (ga != nullptr) __builtin_prefetch(x + i * K + k + kPrefetch, 0, 3);
+        if (gx != nullptr) __builtin_prefetch(gx + i * K + k + kPrefetch, 1, 3);
+        const __mmask16 keep = Dropout ? lanes & keep16(u[i] + k, t1) : lanes;
+        const float* ci = c + i * r_pad + jb;
+        __m512 cj[kRanks];
+        for (int j = 0; j < kRanks; ++j) cj[j] = _mm512_set1_ps(ci[j]);
+        if (gx != nullptr) {
+          float* d = gx + i * K + k;
+          __m512 acc = jb == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, d);
+          for (int j = 0; j < kRanks; ++j) acc = _mm512_fmadd_ps(cj[j], aj[j], acc);
+          _mm512_mask_storeu_ps(d, lanes, _mm512_maskz_mov_ps(keep, acc));
+        }
+        if (ga != nullptr) {
+          const __m512 xv = _mm512_maskz_loadu_ps(keep, x + i * K + k);
+          for (int j = 0; j < kRanks; ++j) g[j] = _mm512_fmadd_ps(cj[j], xv, g[j]);
+        }
+      }
+      if (ga != nullptr) {
+        for (int j = 0; j < kRanks; ++j) _mm512_mask_storeu_ps(ga + j * K + k, lanes, g[j]);
+      }
+    };
+    for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
+    if (l_main < K) chunk(l_main, tail_mask(K - l_main));
+  }
+}
+
+// Backward rows [m0, m1) block by block (accumulators (r_pad, K) and (r_pad, N), zero rows past
+// r staying zero):
+//   gh[m]         = scale grad_y[m] B                (rank-sized)
+//   grad_Bt_part += scale h[m]^T grad_y[m]
+//   grad_A_part  += (s gh[m])^T keep(x[m])           (if grad_A_part)
+//   grad_x[m]     = keep (s gh[m] A)                 (if grad_x; the caller adds grad_y W after)
+inline void backward_rows_f32(const float* grad_y, const float* x, const float* h, const float* A, const float* Bt,
+                              float* grad_x, float* grad_A_part, float* grad_Bt_part, int64_t K, int64_t N, int64_t r,
+                              int64_t r_pad, float scale, bool dropout, uint64_t seed, uint32_t threshold, float s,
+                              int64_t m0, int64_t m1) {
+  const bool need_gh = grad_A_part != nullptr || grad_x != nullptr;
+  const int64_t du = draws_stride(K);
+  std::vector<uint32_t> words(4 * (K / 8 + 2));
+  std::vector<uint16_t> draws(dropout && need_gh ? kBlock * du : 0);
+  std::vector<float> ch(kBlock * r_pad, 0.f), cg(kBlock * r_pad);
+  const __m512i t1 = _mm512_set1_epi32(static_cast<int32_t>(threshold) - 1);
+  const float* gyr[kBlock];
+  const uint16_t* ur[kBlock] = {};
+  for (int64_t mb = m0; mb < m1; mb += kBlock) {
+    const int64_t rows = std::min(kBlock, m1 - mb);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t m = mb + i;
+      gyr[i] = grad_y + m * N;
+      for (int64_t j = 0; j < r; ++j) ch[i * r_pad + j] = scale * h[m * r + j];
+      if (need_gh && dropout) ur[i] = cpu_avx2::draws16(seed, m * K, K, words.data(), draws.data() + i * du);
+    }
+    // The projection first: it reads the block's grad_y rows in order (which the hardware
+    // prefetchers follow), and accumulate_block's column pattern then finds them in cache.
+    if (need_gh) project_block<false>(gyr, ur, t1, Bt, N, r_pad, rows, cg.data());
+    if (grad_Bt_part != nullptr) accumulate_block(ch.data(), rows, grad_y + mb * N, N, N, r_pad, grad_Bt_part);
+    if (!need_gh) continue;
+    const float sc = scale * s;
+    for (int64_t k = 0; k < rows * r_pad; ++k) cg[k] *= sc;
+    float* gx = grad_x == nullptr ? nullptr : grad_x + mb * K;
+    if (dropout) {
+      input_side_block<true>(cg.data(), rows, x + mb * K, ur, t1, A, K, r_pad, gx, grad_A_part);
+    } else {
+      input_side_block<false>(cg.data(), rows, x + mb * K, ur, t1, A, K, r_pad, gx, grad_A_part);
+    }
+  }
+}
+
+// Entry points for the dtype-generic callers: float rows run here (true is returned); other
+// dtypes return false and take the AVX2 loops.
+template <typename scalar_t, typename acc_t>
+inline bool forward_rows(const scalar_t* x, const acc_t* A, scalar_t* h, const acc_t* Bt, const scalar_t* bias,
+                         scalar_t* y, int64_t K, int64_t N, int64_t r, int64_t r_pad, bool dropout, uint64_t seed,
+                         uint32_t threshold, acc_t s, acc_t scale, int64_t m0, int64_t m1) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    forward_rows_f32(x, A, h, Bt, bias, y, K, N, r, r_pad, dropout, seed, threshold, s, scale, m0, m1);
+    return true;
+  }
+  return false;
+}
+
+template <typename scalar_t, typename acc_t>
+inline bool backward_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* h, const acc_t* A, const acc_t* Bt,
+                          scalar_t* grad_x, acc_t* grad_A_part, acc_t* grad_Bt_part, int64_t K, int64_t N, int64_t r,
+                          int64_t r_pad, acc_t scale, bool dropout, uint64_t seed, uint32_t threshold, acc_t s,
+                          int64_t m0, int64_t m1) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_rows_f32(grad_y, x, h, A, Bt, grad_x, grad_A_part, grad_Bt_part, K, N, r, r_pad, scale, dropout, seed,
+                      threshold, s, m0, m1);
+    return true;
+  }
+  return false;
+}
