@@ -89,11 +89,13 @@ inline void project_block(const float* const* v, const uint16_t* const* u, __m51
   }
 }
 
-// dst[i] = (bias or 0) + sum_j c[i][j] E[j] for the rows of a block (E: (r_pad, L); c: rows x
-// r_pad coefficients; dst rows ld apart): a chunk of 8 rank rows of E in registers while every
-// row's output chunk is written once. Rank blocks after the first add into dst.
+// dst[i] = keep_i((bias or 0) + sum_j c[i][j] E[j]) for the rows of a block (E: (r_pad, L); c:
+// rows x r_pad coefficients; dst rows ld apart; keep_i from the row's draws u[i] if Masked, else
+// every lane): a chunk of 8 rank rows of E in registers while every row's output chunk is
+// written once. Rank blocks after the first add into dst.
+template <bool Masked>
 inline void expand_block(const float* c, int64_t rows, const float* E, int64_t L, int64_t r_pad, const float* bias,
-                         float* dst, int64_t ld) {
+                         float* dst, int64_t ld, const uint16_t* const* u, __m512i t1) {
   const int64_t l_main = L - L % 16;
   for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
     const float* e = E + jb * L;
@@ -112,7 +114,8 @@ inline void expand_block(const float* c, int64_t rows, const float* E, int64_t L
           acc0 = _mm512_fmadd_ps(_mm512_set1_ps(ci[j]), ej[j], acc0);
           acc1 = _mm512_fmadd_ps(_mm512_set1_ps(ci[j + 1]), ej[j + 1], acc1);
         }
-        _mm512_mask_storeu_ps(d, lanes, _mm512_add_ps(acc0, acc1));
+        const __mmask16 keep = Masked ? keep16(u[i] + k, t1) : static_cast<__mmask16>(0xFFFF);
+        _mm512_mask_storeu_ps(d, lanes, _mm512_maskz_add_ps(keep, acc0, acc1));
       }
     };
     for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
@@ -156,14 +159,15 @@ inline void forward_rows_f32(const float* x, const float* A, float* h, const flo
         coeff[i * r_pad + j] = scale * h[m * r + j];
       }
     }
-    expand_block(coeff.data(), rows, Bt, N, r_pad, bias, y + mb * N, N);
+    expand_block<false>(coeff.data(), rows, Bt, N, r_pad, bias, y + mb * N, N, ur, t1);
   }
 }
 
-// grad_Bt[j] += sum_i c[i][j] v[i] over the rows of a block (v rows ld apart): a chunk of 8
-// accumulator rows in registers while the rows pass.
+// acc[j] += sum_i c[i][j] keep_i(v[i]) over the rows of a block (v rows ld apart; keep_i as in
+// expand_block): a chunk of 8 accumulator rows in registers while the rows pass.
+template <bool Masked>
 inline void accumulate_block(const float* c, int64_t rows, const float* v, int64_t ld, int64_t L, int64_t r_pad,
-                             float* acc) {
+                             float* acc, const uint16_t* const* u, __m512i t1) {
   const int64_t l_main = L - L % 16;
   for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
     float* a = acc + jb * L;
@@ -171,61 +175,19 @@ inline void accumulate_block(const float* c, int64_t rows, const float* v, int64
       __m512 g[kRanks];
       for (int j = 0; j < kRanks; ++j) g[j] = _mm512_maskz_loadu_ps(lanes, a + j * L + k);
       for (int64_t i = 0; i < rows; ++i) {
-        const __m512 vi = _mm512_maskz_loadu_ps(lanes, v + i * ld + k);
+        const float* vi = v + i * ld + k;
+        // A few chunks ahead: the column pattern across rows is not one the hardware prefetchers
+        // follow, and v (x in the backward) comes from memory.
+        __builtin_prefetch(vi + kPrefetch, 0, 3);
+        const __mmask16 keep = Masked ? lanes & keep16(u[i] + k, t1) : lanes;
+        const __m512 x = _mm512_maskz_loadu_ps(keep, vi);
         const float* ci = c + i * r_pad + jb;
-        for (int j = 0; j < kRanks; ++j) g[j] = _mm512_fmadd_ps(_mm512_set1_ps(ci[j]), vi, g[j]);
+        for (int j = 0; j < kRanks; ++j) g[j] = _mm512_fmadd_ps(_mm512_set1_ps(ci[j]), x, g[j]);
       }
       for (int j = 0; j < kRanks; ++j) _mm512_mask_storeu_ps(a + j * L + k, lanes, g[j]);
     };
     for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
     if (l_main < L) chunk(l_main, tail_mask(L - l_main));
-  }
-}
-
-// The pass over K for the rows of a block, with c[i] = s gh[i] (s = 1 / (1 - p)):
-//   grad_x[i] = keep_i (c[i] A)          (if gx; written, rank blocks after the first add)
-//   grad_A   += c[i]^T keep_i(x[i])      (if grad_A)
-// A chunk of 8 rank rows of A and of grad_A in registers; each coefficient broadcast serves both.
-template <bool Dropout>
-inline void input_side_block(const float* c, int64_t rows, const float* x, const uint16_t* const* u, __m512i t1,
-                             const float* A, int64_t K, int64_t r_pad, float* gx, float* grad_A) {
-  const int64_t l_main = K - K % 16;
-  for (int64_t jb = 0; jb < r_pad; jb += kRanks) {
-    const float* a = A + jb * K;
-    float* ga = grad_A == nullptr ? nullptr : grad_A + jb * K;
-    const auto chunk = [&](int64_t k, __mmask16 lanes) {
-      __m512 aj[kRanks], g[kRanks];
-      for (int j = 0; j < kRanks; ++j) {
-        aj[j] = _mm512_maskz_loadu_ps(lanes, a + j * K + k);
-        g[j] = ga == nullptr ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, ga + j * K + k);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        // The rows' chunks are kPrefetch chunks ahead in flight: x comes from memory in a column
-        // pattern across rows that the hardware prefetchers do not follow (half the pass's time
-        // went on waiting for these loads), and grad_x's lines are owned before the stores.
-        if (ga != nullptr) __builtin_prefetch(x + i * K + k + kPrefetch, 0, 3);
-        if (gx != nullptr) __builtin_prefetch(gx + i * K + k + kPrefetch, 1, 3);
-        const __mmask16 keep = Dropout ? lanes & keep16(u[i] + k, t1) : lanes;
-        const float* ci = c + i * r_pad + jb;
-        __m512 cj[kRanks];
-        for (int j = 0; j < kRanks; ++j) cj[j] = _mm512_set1_ps(ci[j]);
-        if (gx != nullptr) {
-          float* d = gx + i * K + k;
-          __m512 acc = jb == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, d);
-          for (int j = 0; j < kRanks; ++j) acc = _mm512_fmadd_ps(cj[j], aj[j], acc);
-          _mm512_mask_storeu_ps(d, lanes, _mm512_maskz_mov_ps(keep, acc));
-        }
-        if (ga != nullptr) {
-          const __m512 xv = _mm512_maskz_loadu_ps(keep, x + i * K + k);
-          for (int j = 0; j < kRanks; ++j) g[j] = _mm512_fmadd_ps(cj[j], xv, g[j]);
-        }
-      }
-      if (ga != nullptr) {
-        for (int j = 0; j < kRanks; ++j) _mm512_mask_storeu_ps(ga + j * K + k, lanes, g[j]);
-      }
-    };
-    for (int64_t k = 0; k < l_main; k += 16) chunk(k, 0xFFFF);
-    if (l_main < K) chunk(l_main, tail_mask(K - l_main));
   }
 }
 
@@ -258,15 +220,20 @@ inline void backward_rows_f32(const float* grad_y, const float* x, const float* 
     // The projection first: it reads the block's grad_y rows in order (which the hardware
     // prefetchers follow), and accumulate_block's column pattern then finds them in cache.
     if (need_gh) project_block<false>(gyr, ur, t1, Bt, N, r_pad, rows, cg.data());
-    if (grad_Bt_part != nullptr) accumulate_block(ch.data(), rows, grad_y + mb * N, N, N, r_pad, grad_Bt_part);
+    if (grad_Bt_part != nullptr) accumulate_block<false>(ch.data(), rows, grad_y + mb * N, N, N, r_pad, grad_Bt_part, ur, t1);
     if (!need_gh) continue;
     const float sc = scale * s;
     for (int64_t k = 0; k < rows * r_pad; ++k) cg[k] *= sc;
+    // grad_x and grad_A in two passes over K: one pass doing both kept the factor, the
+    // accumulator and the broadcast coefficients in registers at once and measured slower.
     float* gx = grad_x == nullptr ? nullptr : grad_x + mb * K;
+    const float* xb = x + mb * K;
     if (dropout) {
-      input_side_block<true>(cg.data(), rows, x + mb * K, ur, t1, A, K, r_pad, gx, grad_A_part);
+      if (gx != nullptr) expand_block<true>(cg.data(), rows, A, K, r_pad, nullptr, gx, K, ur, t1);
+      if (grad_A_part != nullptr) accumulate_block<true>(cg.data(), rows, xb, K, K, r_pad, grad_A_part, ur, t1);
     } else {
-      input_side_block<false>(cg.data(), rows, x + mb * K, ur, t1, A, K, r_pad, gx, grad_A_part);
+      if (gx != nullptr) expand_block<false>(cg.data(), rows, A, K, r_pad, nullptr, gx, K, ur, t1);
+      if (grad_A_part != nullptr) accumulate_block<false>(cg.data(), rows, xb, K, K, r_pad, grad_A_part, ur, t1);
     }
   }
 }
