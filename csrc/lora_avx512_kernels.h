@@ -7,11 +7,11 @@
 // The AVX2 loops go row by row (or four rows at a time) and stream the rank-sized factor and
 // the gradient accumulator through L1 for every row: at K = 1536 both are 48 KB, L1's size, so
 // every row paid L2 traffic for them besides its multiply-adds. These loops go column chunk by
-// column chunk over a block of rows instead: 16 columns of 8 rank rows of the factor, and of the
-// gradient accumulator, sit in 16 registers while all rows of the block pass, so a row costs
-// its own loads, its stores and the multiply-adds, and each rank coefficient broadcast serves
-// two products (grad_x and grad_A in one pass). The projections (x A^T, grad_y B) go row-major,
-// two rows at a time, each chunk of the factor loaded once for both rows.
+// column chunk over a block of rows instead: 16 columns of 8 rank rows of the factor (writing
+// y or grad_x), or of the gradient accumulator (grad_A, grad_B), sit in registers while all
+// rows of the block pass, so a row costs its own loads, its stores and the multiply-adds. The
+// projections (x A^T, grad_y B) go row-major, two rows at a time, each chunk of the factor
+// loaded once for both rows.
 //
 // Layouts as for the AVX2 loops: contiguous rows; the factors A (r_pad, K) and B^T (r_pad, N)
 // and the gradient accumulators (r_pad, K) and (r_pad, N) in float with zero rows up to r_pad,
