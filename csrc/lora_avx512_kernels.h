@@ -123,9 +123,28 @@ inline void expand_block(const float* c, int64_t rows, const float* E, int64_t L
   }
 }
 
-// Room for one row's draws from draws16 (which writes whole Philox blocks from an offset that
-// may start mid-block) plus the 16-lane reads of the last chunk.
-inline int64_t draws_stride(int64_t L) { return 8 * (L / 8 + 2) + 32; }
+// The dropout draws of a block's rows (row i: element offsets start .. start + L - 1 of the
+// mask), and the threshold the passes compare them with.
+class BlockDraws {
+ public:
+  BlockDraws(int64_t L, uint32_t threshold, bool used)
+      : L_(L), stride_(8 * (L / 8 + 2) + 32), t1_(_mm512_set1_epi32(static_cast<int32_t>(threshold) - 1)),
+        words_(used ? 4 * (L / 8 + 2) : 0), draws_(used ? kBlock * stride_ : 0) {}
+  void make(int64_t i, uint64_t seed, int64_t start) {
+    rows_[i] = cpu_avx2::draws16(seed, start, L_, words_.data(), draws_.data() + i * stride_);
+  }
+  const uint16_t* const* rows() const { return rows_; }
+  __m512i t1() const { return t1_; }
+
+ private:
+  // A row's room: draws16 writes whole Philox blocks from an offset that may start mid-block,
+  // and the last chunk reads 16 lanes.
+  int64_t L_, stride_;
+  __m512i t1_;
+  std::vector<uint32_t> words_;
+  std::vector<uint16_t> draws_;
+  const uint16_t* rows_[kBlock] = {};
+};
 
 // Forward rows [m0, m1): h[m] = s keep(x[m]) A^T (s = 1 / (1 - p); every element kept without
 // dropout) and y[m] = bias + scale h[m] B^T, block by block. y[m] is computed from h[m] as
@@ -133,19 +152,16 @@ inline int64_t draws_stride(int64_t L) { return 8 * (L / 8 + 2) + 32; }
 inline void forward_rows_f32(const float* x, const float* A, float* h, const float* Bt, const float* bias, float* y,
                              int64_t K, int64_t N, int64_t r, int64_t r_pad, bool dropout, uint64_t seed,
                              uint32_t threshold, float s, float scale, int64_t m0, int64_t m1) {
-  const int64_t du = draws_stride(K);
-  std::vector<uint32_t> words(4 * (K / 8 + 2));
-  std::vector<uint16_t> draws(dropout ? kBlock * du : 0);
+  BlockDraws u(K, threshold, dropout);
+  const __m512i t1 = u.t1();
+  const uint16_t* const* ur = u.rows();
   std::vector<float> proj(kBlock * r_pad), coeff(kBlock * r_pad, 0.f);
-  const __m512i t1 = _mm512_set1_epi32(static_cast<int32_t>(threshold) - 1);
   const float* xr[kBlock];
-  const uint16_t* ur[kBlock] = {};
   for (int64_t mb = m0; mb < m1; mb += kBlock) {
     const int64_t rows = std::min(kBlock, m1 - mb);
     for (int64_t i = 0; i < rows; ++i) {
-      const int64_t m = mb + i;
-      xr[i] = x + m * K;
-      if (dropout) ur[i] = cpu_avx2::draws16(seed, m * K, K, words.data(), draws.data() + i * du);
+      xr[i] = x + (mb + i) * K;
+      if (dropout) u.make(i, seed, (mb + i) * K);
     }
     if (dropout) {
       project_block<true>(xr, ur, t1, A, K, r_pad, rows, proj.data());
@@ -202,20 +218,18 @@ inline void backward_rows_f32(const float* grad_y, const float* x, const float* 
                               int64_t r_pad, float scale, bool dropout, uint64_t seed, uint32_t threshold, float s,
                               int64_t m0, int64_t m1) {
   const bool need_gh = grad_A_part != nullptr || grad_x != nullptr;
-  const int64_t du = draws_stride(K);
-  std::vector<uint32_t> words(4 * (K / 8 + 2));
-  std::vector<uint16_t> draws(dropout && need_gh ? kBlock * du : 0);
+  BlockDraws u(K, threshold, dropout && need_gh);
+  const __m512i t1 = u.t1();
+  const uint16_t* const* ur = u.rows();
   std::vector<float> ch(kBlock * r_pad, 0.f), cg(kBlock * r_pad);
-  const __m512i t1 = _mm512_set1_epi32(static_cast<int32_t>(threshold) - 1);
   const float* gyr[kBlock];
-  const uint16_t* ur[kBlock] = {};
   for (int64_t mb = m0; mb < m1; mb += kBlock) {
     const int64_t rows = std::min(kBlock, m1 - mb);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t m = mb + i;
       gyr[i] = grad_y + m * N;
       for (int64_t j = 0; j < r; ++j) ch[i * r_pad + j] = scale * h[m * r + j];
-      if (need_gh && dropout) ur[i] = cpu_avx2::draws16(seed, m * K, K, words.data(), draws.data() + i * du);
+      if (need_gh && dropout) u.make(i, seed, m * K);
     }
     // The projection first: it reads the block's grad_y rows in order (which the hardware
     // prefetchers follow), and accumulate_block's column pattern then finds them in cache.
