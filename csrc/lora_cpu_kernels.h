@@ -68,7 +68,7 @@ inline void philox_lanes_store(const PhiloxLanes& s, uint32_t* out) {
 inline void philox_blocks(uint64_t seed, uint64_t g0, int64_t n_blocks, uint32_t* out) {
   int64_t i = 0;
 #ifdef PEFTCORE_AVX2
-  static const bool wide = philox_avx512();  // 16 counters at a time where the CPU has AVX-512F
+  static const bool wide = use_avx512();  // 16 counters at a time where the CPU has AVX-512F
   if (wide) return philox_blocks_avx512(seed, g0, n_blocks, out);
   // 32 counters per iteration in four independent groups of 8, whose round chains overlap; then
   // 16, then 8; then scalar blocks. A group stops before its low counter word would carry.

@@ -35,11 +35,12 @@
 
 namespace peftcore {
 
-// Philox on 16 counters per instruction where the CPU has AVX-512F (defined below): the mask's
-// generator is pure integer arithmetic, and 512-bit multiplies double its throughput (0.28-0.33
-// against 0.52-0.59 ns per element, one core of an Intel Xeon; the same draws bit for bit). The
-// AVX2 loops call it from philox_blocks when philox_avx512() says so.
-bool philox_avx512();
+// Whether the AVX-512 code runs (defined below, from PEFTCORE_CPU_KERNELS and the CPU): the fp32
+// row passes of cpu_avx512, and the Philox on 16 counters per instruction that the AVX2 loops'
+// philox_blocks then calls. The mask's generator is pure integer arithmetic, and 512-bit
+// multiplies double its throughput (0.28-0.33 against 0.52-0.59 ns per element, one core of an
+// Intel Xeon; the same draws bit for bit).
+bool use_avx512();
 void philox_blocks_avx512(uint64_t seed, uint64_t g0, int64_t n_blocks, uint32_t* out);
 
 namespace cpu_default {
@@ -189,11 +190,10 @@ CpuKernels cpu_kernels() {
 }
 
 bool use_avx2() { return cpu_kernels() != CpuKernels::kPortable; }
-bool use_avx512() { return cpu_kernels() == CpuKernels::kAvx512; }
 
 }  // namespace
 
-bool philox_avx512() { return cpu_kernels() == CpuKernels::kAvx512; }
+bool use_avx512() { return cpu_kernels() == CpuKernels::kAvx512; }
 
 namespace {
 
@@ -223,10 +223,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.item<int64_t>()); }
 
-// A factor in the accumulation type, padded with zero rows to a multiple of kRankBlock: the
-// factor itself when it already is one (a contiguous fp32/fp64 factor of rank 8, 16, ...).
+// r rounded up to a multiple of kRankBlock: the rank rows of the loops' factors and partial sums.
 int64_t padded_rank(int64_t r) { return (r + cpu_default::kRankBlock - 1) / cpu_default::kRankBlock * cpu_default::kRankBlock; }
 
+// A factor in the accumulation type, padded with zero rows to a multiple of kRankBlock: the
+// factor itself when it already is one (a contiguous fp32/fp64 factor of rank 8, 16, ...).
 at::Tensor padded_factor(const at::Tensor& F) {
   const int64_t r = F.size(0);
   const int64_t r_pad = padded_rank(r);
