@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import random
+import statistics
 from pathlib import Path
 
 LABELS = {
@@ -27,6 +29,33 @@ INFERENCE_LABELS = {"base": "base model", "peftcore": "peftcore, unmerged adapte
 #: summary says that the machine's load changed during the run.
 DRIFT = 0.05
 
+#: Bootstrap resamples for the paired ratios' intervals (fixed seed: a run's summary reads the same
+#: when rendered again).
+RESAMPLES = 2000
+
+
+def paired_ratio(times: list[float], reference: list[float], resamples: int = RESAMPLES,
+                 seed: int = 0) -> tuple[float, float, float] | None:
+    """The median over rounds of ``times[i] / reference[i]`` (both measured in round ``i``, under
+    the same load), and its 95 % percentile-bootstrap interval (rounds resampled with
+    replacement): ``(median, low, high)``. ``None`` with fewer than 2 rounds.
+
+    On a shared machine whose load comes and goes over seconds, the ratio of two medians taken
+    over the same rounds can still be several per cent off (each median may fall in a different
+    stretch of load); a ratio within the round cancels the load, and the interval says how far
+    the rounds leave it uncertain.
+    """
+    if len(times) != len(reference):
+        raise ValueError(f"paired ratio: {len(times)} times against {len(reference)} reference times; "
+                         "pass the two setups' times from the same interleaved rounds")
+    if len(times) < 2:
+        return None
+    ratios = [t / r for t, r in zip(times, reference)]
+    rng = random.Random(seed)
+    n = len(ratios)
+    medians = sorted(statistics.median(rng.choices(ratios, k=n)) for _ in range(resamples))
+    return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+
 
 @dataclasses.dataclass
 class Results:
@@ -38,6 +67,8 @@ class Results:
     peak_mb: dict[str, float] = dataclasses.field(default_factory=dict)
     inference_s: dict[str, float] = dataclasses.field(default_factory=dict)
     inference_interleaved_s: dict[str, float] = dataclasses.field(default_factory=dict)  # median, alternating
+    interleaved_rounds_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # every round's time
+    inference_interleaved_rounds_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # the same
     ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # shape, backend, pass, median, min
     bottleneck_ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # the same
 
@@ -46,21 +77,33 @@ class Results:
                     or self.ops or self.bottleneck_ops)
 
     # -- targets -----------------------------------------------------------------------------
-    def targets(self) -> list[tuple[str, float | None, float]]:
-        """(what, measured ratio or None, limit)."""
+    def targets(self) -> list[tuple[str, float | None, float, tuple[float, float] | None]]:
+        """(what, measured ratio or None, limit, 95 % interval of a paired ratio or None)."""
         s, m, i = self.step_s, self.peak_mb, self.inference_s
         ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
         extra = lambda k: m[k] - m["floor"] if k in m and "floor" in m else None  # noqa: E731
         il, ii = self.interleaved_s, self.inference_interleaved_s
+        rs, ri = self.interleaved_rounds_s, self.inference_interleaved_rounds_s
+
+        def paired(rounds: dict[str, list[float]], key: str, reference: str) -> tuple[float | None, tuple[float, float] | None]:
+            got = paired_ratio(rounds[key], rounds[reference]) if key in rounds and reference in rounds else None
+            return (got[0], got[1:]) if got else (None, None)
+
+        vs_hf, vs_hf_interval = paired(rs, "peftcore_p0.1", "hf_peft_p0.1")
+        vs_floor, vs_floor_interval = paired(rs, "peftcore_p0.1", "floor")
+        vs_base, vs_base_interval = paired(ri, "peftcore", "base")
         return [
-            ("peftcore step / HF PEFT step (dropout 0.1)", ratio(s.get("peftcore_p0.1"), s.get("hf_peft_p0.1")), 0.70),
-            ("peftcore step / floor step", ratio(s.get("peftcore_p0.1"), s.get("floor")), 1.10),
-            ("  the same, setups interleaved: / HF PEFT", ratio(il.get("peftcore_p0.1"), il.get("hf_peft_p0.1")), 0.70),
-            ("  the same, setups interleaved: / floor", ratio(il.get("peftcore_p0.1"), il.get("floor")), 1.10),
+            ("peftcore step / HF PEFT step (dropout 0.1)", ratio(s.get("peftcore_p0.1"), s.get("hf_peft_p0.1")), 0.70, None),
+            ("peftcore step / floor step", ratio(s.get("peftcore_p0.1"), s.get("floor")), 1.10, None),
+            ("  the same, setups interleaved: / HF PEFT", ratio(il.get("peftcore_p0.1"), il.get("hf_peft_p0.1")), 0.70, None),
+            ("  the same, setups interleaved: / floor", ratio(il.get("peftcore_p0.1"), il.get("floor")), 1.10, None),
+            ("  the same, paired per round: / HF PEFT", vs_hf, 0.70, vs_hf_interval),
+            ("  the same, paired per round: / floor", vs_floor, 1.10, vs_floor_interval),
             ("peftcore extra peak RSS / HF PEFT extra (dropout 0.1)",
-             ratio(extra("peftcore_p0.1"), extra("hf_peft_p0.1")), 0.40),
-            ("peftcore unmerged inference / base forward", ratio(i.get("peftcore"), i.get("base")), 1.08),
-            ("  the same, interleaved", ratio(ii.get("peftcore"), ii.get("base")), 1.08),
+             ratio(extra("peftcore_p0.1"), extra("hf_peft_p0.1")), 0.40, None),
+            ("peftcore unmerged inference / base forward", ratio(i.get("peftcore"), i.get("base")), 1.08, None),
+            ("  the same, interleaved", ratio(ii.get("peftcore"), ii.get("base")), 1.08, None),
+            ("  the same, paired per call", vs_base, 1.08, vs_base_interval),
         ]
 
     def drift(self) -> list[str]:
@@ -95,8 +138,12 @@ class Results:
         if self.interleaved_s:
             base = self.interleaved_s.get("floor")
             lines.append("training step, the setups below alternating step by step in one process (drift cancels)")
+            lines.append(f"{'setup':<52} {'median step':>12} {'x floor':>8}  {'paired x floor [95 % interval]':>30}")
+            rounds = self.interleaved_rounds_s
             for key, t in self.interleaved_s.items():
-                lines.append(f"{LABELS[key]:<52} {t:>10.3f} s {_fmt(base and t / base, '{:.2f}'):>8}")
+                got = paired_ratio(rounds[key], rounds["floor"]) if key in rounds and "floor" in rounds else None
+                shown = f"{got[0]:.3f} [{got[1]:.3f}, {got[2]:.3f}]" if got else "-"
+                lines.append(f"{LABELS[key]:<52} {t:>10.3f} s {_fmt(base and t / base, '{:.2f}'):>8}  {shown:>30}")
             lines.append("")
         for title, times in (("inference, batch 32 x 64, eval, no_grad", self.inference_s),
                              ("inference, the setups below alternating call by call", self.inference_interleaved_s)):
@@ -109,12 +156,18 @@ class Results:
                     t = times[key]
                     lines.append(f"{label:<52} {t * 1e3:>9.1f} ms {_fmt(base and t / base, '{:.3f}'):>8}")
             lines.append("")
-        checks = [(what, value, limit) for what, value, limit in self.targets() if value is not None]
+        checks = [check for check in self.targets() if check[1] is not None]
         if checks:
-            lines.append("targets")
-            for what, value, limit in checks:
-                verdict = "met" if value <= limit else "NOT met"
-                lines.append(f"{what:<56} {value:>6.2f}  (<= {limit:.2f})  {verdict}")
+            lines.append("targets (paired: the median of per-round ratios, [95 % bootstrap interval])")
+            for what, value, limit, interval in checks:
+                if interval is None:
+                    verdict, shown = ("met" if value <= limit else "NOT met"), ""
+                else:
+                    low, high = interval
+                    verdict = "met" if high <= limit else "NOT met" if low > limit else "undecided: the interval spans the limit"
+                    shown = f" [{low:.3f}, {high:.3f}]"
+                number = f"{value:.2f}" if interval is None else f"{value:.3f}"
+                lines.append(f"{what:<56} {number:>6}  (<= {limit:.2f})  {verdict}{shown}")
             lines += self.drift()
             lines.append("")
         if self.ops:
