@@ -1,6 +1,6 @@
 """pytest-benchmark set-up for ``bench/``: thread count, and a summary table at the end.
 
-Run everything (about 8 minutes on 2 cores)::
+Run everything (about 7 minutes on 2 cores)::
 
     python -m pytest bench/ --benchmark-only
 
