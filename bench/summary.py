@@ -70,11 +70,13 @@ class Results:
     interleaved_rounds_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # every round's time
     inference_interleaved_rounds_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # the same
     ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # shape, backend, pass, median, min
+    # shape, backend, every round's fwd+bwd time of linear and of the backend (alternating)
+    ops_interleaved: list[tuple[str, str, list[float], list[float]]] = dataclasses.field(default_factory=list)
     bottleneck_ops: list[tuple[str, str, str, float, float]] = dataclasses.field(default_factory=list)  # the same
 
     def empty(self) -> bool:
         return not (self.step_s or self.interleaved_s or self.peak_mb or self.inference_s or self.inference_interleaved_s
-                    or self.ops or self.bottleneck_ops)
+                    or self.ops or self.ops_interleaved or self.bottleneck_ops)
 
     # -- targets -----------------------------------------------------------------------------
     def targets(self) -> list[tuple[str, float | None, float, tuple[float, float] | None]]:
@@ -174,6 +176,15 @@ class Results:
             lines.append(f"lora_linear per op, fp32, rank 8, dropout 0.1    {'median ms':>10} {'min ms':>8}")
             for shape, backend, which, t, t_min in self.ops:
                 lines.append(f"  {shape:<30} {backend:<10} {which:<8} {t * 1e3:10.2f} {t_min * 1e3:8.2f}")
+            lines.append("")
+        if self.ops_interleaved:
+            lines.append(f"{'lora_linear fwd+bwd, alternating with linear':<44} {'linear ms':>9} {'op ms':>9}"
+                         "   paired x linear [95 % interval]")
+            for shape, backend, base, op in self.ops_interleaved:
+                got = paired_ratio(op, base)
+                shown = f"{got[0]:.3f} [{got[1]:.3f}, {got[2]:.3f}]" if got else "-"
+                lines.append(f"  {shape:<30} {backend:<10} {statistics.median(base) * 1e3:9.2f} {statistics.median(op) * 1e3:9.2f}"
+                             f"   {shown}")
             lines.append("")
         if self.bottleneck_ops:
             lines.append(f"bottleneck per op, fp32, GELU                    {'median ms':>10} {'min ms':>8}")

@@ -15,13 +15,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import e2e
+from interleave import interleaved
 
 HERE = Path(__file__).resolve().parent
 ROUNDS = int(os.environ.get("PEFTCORE_BENCH_ROUNDS", "10"))
@@ -53,30 +53,6 @@ def test_training_step(benchmark, results, setup):
     results.peak_mb[setup] = benchmark.extra_info["peak_rss_mb"] = _peak_rss_mb(setup)
 
 
-def _interleaved(benchmark, calls: dict, rounds: int) -> dict[str, list[float]]:
-    """Runs ``calls`` one after another each round, the order rotated by one every round (each
-    runs first, in the middle and last equally often); the times of each over the rounds, 2
-    warm-up rounds dropped. Load that comes and goes on a shared machine hits all alike, so
-    ratios taken round by round (``summary.paired_ratio``) are steadier than across separate
-    tests. The benchmark's own number is a round."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    done = [0]
-
-    def one_round():
-        first = done[0] % len(names)
-        for name in names[first:] + names[:first]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-        done[0] += 1
-
-    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=2, iterations=1)
-    kept = {name: t[2:] for name, t in times.items()}  # warm-up rounds dropped
-    benchmark.extra_info.update({f"median_{name}_s": statistics.median(t) for name, t in kept.items()})
-    return kept
-
-
 def test_interleaved_training_steps(benchmark, results):
     """floor, peftcore and HF PEFT alternating step by step (the targets' drift-free reading),
     4 x ``PEFTCORE_BENCH_ROUNDS`` rounds: the paired ratios' intervals need that many on a
@@ -84,7 +60,7 @@ def test_interleaved_training_steps(benchmark, results):
     data = e2e.batch()
     setups = {name: e2e.build(name, data) for name in ("floor", "peftcore_p0.1", "hf_peft_p0.1")}
     benchmark.group = "training step, interleaved"
-    rounds = _interleaved(benchmark, {n: s.step for n, s in setups.items()}, 4 * ROUNDS)
+    rounds = interleaved(benchmark, {n: s.step for n, s in setups.items()}, 4 * ROUNDS)
     results.interleaved_rounds_s.update(rounds)
     results.interleaved_s.update({name: statistics.median(t) for name, t in rounds.items()})
 
@@ -96,7 +72,7 @@ def test_interleaved_inference(benchmark, results):
         model, data = e2e.build_inference(name)
         calls[name] = _no_grad_forward(model, data)
     benchmark.group = "inference, interleaved"
-    rounds = _interleaved(benchmark, calls, 4 * ROUNDS)
+    rounds = interleaved(benchmark, calls, 4 * ROUNDS)
     results.inference_interleaved_rounds_s.update(rounds)
     results.inference_interleaved_s.update({name: statistics.median(t) for name, t in rounds.items()})
 

@@ -1,6 +1,8 @@
 """lora_linear per op: forward, backward and forward+backward on every backend available for
 the CPU here, against the reference and against the plain base linear layer (``linear``: what
 the frozen layer alone costs). fp32, rank 8, dropout 0.1, x requires grad (a mid-network layer).
+Each fused backend's forward+backward is also measured alternating call by call with ``linear``
+(``test_lora_linear_interleaved``): the summary's paired ratios.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from interleave import interleaved
 from peftcore.ops import dispatch, lora
 
 SHAPES = {  # name: (M, K, N)
@@ -56,3 +59,20 @@ def test_lora_linear(benchmark, results, shape, backend, which):
     else:
         benchmark.pedantic(lambda: _forward(backend, x, W, b, A, B).backward(grad), rounds=rounds, warmup_rounds=2)
     results.ops.append((shape, backend, which, benchmark.stats.stats.median, benchmark.stats.stats.min))
+
+
+FUSED = [backend for backend in BACKENDS if backend not in ("linear", "reference")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_lora_linear_interleaved(benchmark, results, shape, backend):
+    """Forward + backward of the fused op and of the base layer alone, alternating call by call:
+    the op's cost over the base layer as a paired ratio (``summary.paired_ratio``), steadier on a
+    loaded machine than two separate tests' medians."""
+    M, K, N = SHAPES[shape]
+    x, W, b, A, B, grad = _inputs(M, K, N)
+    calls = {name: (lambda name=name: _forward(name, x, W, b, A, B).backward(grad)) for name in ("linear", backend)}
+    benchmark.group = f"lora_linear {shape} fwd+bwd, interleaved"
+    rounds = interleaved(benchmark, calls, 60 if M * max(K, N) > 100_000 else 200)
+    results.ops_interleaved.append((shape, backend, rounds["linear"], rounds[backend]))

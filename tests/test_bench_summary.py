@@ -65,3 +65,11 @@ def test_a_paired_target_is_met_only_when_its_whole_interval_is():
     assert "paired per round: / floor" in met and " 1.050  (<= 1.10)  met [" in met
     assert "(<= 1.10)  NOT met [" in _rounds(1.20, 0.01).render(threads=2)
     assert "(<= 1.10)  undecided: the interval spans the limit [" in _rounds(1.10, 0.05).render(threads=2)
+
+
+def test_per_op_alternating_runs_are_summarised_as_paired_ratios():
+    base = [0.004 + 0.0001 * (i % 4) for i in range(30)]
+    op = [1.3 * t for t in base]
+    text = summary.Results(ops_interleaved=[("2048x384->384", "cpp", base, op)]).render(threads=2)
+    assert "lora_linear fwd+bwd, alternating with linear" in text
+    assert "1.300 [1.300, 1.300]" in text.splitlines()[-1]
