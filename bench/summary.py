@@ -57,6 +57,15 @@ def paired_ratio(times: list[float], reference: list[float], resamples: int = RE
     return statistics.median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+def _paired(rounds: dict[str, list[float]], key: str, reference: str) -> tuple[float, float, float] | None:
+    """``paired_ratio`` of setup ``key`` over ``reference`` from the same interleaved rounds, if both ran."""
+    return paired_ratio(rounds[key], rounds[reference]) if key in rounds and reference in rounds else None
+
+
+def _paired_text(got: tuple[float, float, float] | None) -> str:
+    return f"{got[0]:.3f} [{got[1]:.3f}, {got[2]:.3f}]" if got else "-"
+
+
 @dataclasses.dataclass
 class Results:
     """What the benchmarks measured in this run (seconds, MiB)."""
@@ -88,7 +97,7 @@ class Results:
         rs, ri = self.interleaved_rounds_s, self.inference_interleaved_rounds_s
 
         def paired(rounds: dict[str, list[float]], key: str, reference: str) -> tuple[float | None, tuple[float, float] | None]:
-            got = paired_ratio(rounds[key], rounds[reference]) if key in rounds and reference in rounds else None
+            got = _paired(rounds, key, reference)
             return (got[0], got[1:]) if got else (None, None)
 
         vs_hf, vs_hf_interval = paired(rs, "peftcore_p0.1", "hf_peft_p0.1")
@@ -141,10 +150,8 @@ class Results:
             base = self.interleaved_s.get("floor")
             lines.append("training step, the setups below alternating step by step in one process (drift cancels)")
             lines.append(f"{'setup':<52} {'median step':>12} {'x floor':>8}  {'paired x floor [95 % interval]':>30}")
-            rounds = self.interleaved_rounds_s
             for key, t in self.interleaved_s.items():
-                got = paired_ratio(rounds[key], rounds["floor"]) if key in rounds and "floor" in rounds else None
-                shown = f"{got[0]:.3f} [{got[1]:.3f}, {got[2]:.3f}]" if got else "-"
+                shown = _paired_text(_paired(self.interleaved_rounds_s, key, "floor"))
                 lines.append(f"{LABELS[key]:<52} {t:>10.3f} s {_fmt(base and t / base, '{:.2f}'):>8}  {shown:>30}")
             lines.append("")
         for title, times in (("inference, batch 32 x 64, eval, no_grad", self.inference_s),
@@ -178,13 +185,12 @@ class Results:
                 lines.append(f"  {shape:<30} {backend:<10} {which:<8} {t * 1e3:10.2f} {t_min * 1e3:8.2f}")
             lines.append("")
         if self.ops_interleaved:
-            lines.append(f"{'lora_linear fwd+bwd, alternating with linear':<44} {'linear ms':>9} {'op ms':>9}"
+            # The title runs one column into the first number's field: 44 + 1 + 8 = 2 + 30 + 1 + 10 + 1 + 9.
+            lines.append(f"{'lora_linear fwd+bwd, alternating with linear':<44} {'base ms':>8} {'op ms':>9}"
                          "   paired x linear [95 % interval]")
             for shape, backend, base, op in self.ops_interleaved:
-                got = paired_ratio(op, base)
-                shown = f"{got[0]:.3f} [{got[1]:.3f}, {got[2]:.3f}]" if got else "-"
                 lines.append(f"  {shape:<30} {backend:<10} {statistics.median(base) * 1e3:9.2f} {statistics.median(op) * 1e3:9.2f}"
-                             f"   {shown}")
+                             f"   {_paired_text(paired_ratio(op, base))}")
             lines.append("")
         if self.bottleneck_ops:
             lines.append(f"bottleneck per op, fp32, GELU                    {'median ms':>10} {'min ms':>8}")
