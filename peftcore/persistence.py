@@ -5,8 +5,9 @@ Tensor keys are ``<module path>.<tensor name>`` without the adapter name, e.g.
 their ordinary state-dict keys (``classifier.weight``). Converting to HF PEFT's layout is a
 renaming of keys.
 
-Writes are crash-safe: files go to a temporary sibling directory, are flushed to disk, and the
-directory is renamed into place, so a reader sees the old adapter or the new one, never half.
+Writes are crash-safe and reads are verified (see :mod:`peftcore.files`): the directory is written
+whole beside the target and swapped into place in one step, with a ``SHA256SUMS`` file that
+:func:`load` checks before it changes the model.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftcore import lifecycle, registry, targeting
+from peftcore import files, lifecycle, registry, targeting
 from peftcore.errors import AdapterStateError, CheckpointError, PeftcoreError, PluginError
 
 CONFIG_FILE = "adapter_config.json"
@@ -89,7 +88,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         CheckpointError: ``path`` holds something else.
     """
     from peftcore import __version__
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_tensors
 
     state = lifecycle.get_state(model)
     name = _pick_adapter(state, name)
@@ -123,20 +122,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         },
         "dtype": dtypes,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT, "method": record.method})
-        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-        for file in (tmp / WEIGHTS_FILE, tmp / CONFIG_FILE):
-            with open(file, "rb") as fh:
-                os.fsync(fh.fileno())
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    weights = save_tensors(tensors, metadata={"format": FORMAT, "method": record.method})
+    files.write_dir(target, {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode("utf-8")})
     return target
 
 
@@ -158,38 +145,31 @@ def _check_destination(target: Path) -> None:
         )
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-    else:
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``adapter_config.json`` of an adapter directory, checked for format.
+    """The ``adapter_config.json`` of an adapter directory, checked for format and checksum.
 
     Raises:
-        CheckpointError: the directory or file is missing, unreadable, or not a peftcore adapter.
+        CheckpointError: the directory or file is missing, unreadable, damaged, or not a peftcore adapter.
     """
     directory = Path(path)
-    file = directory / CONFIG_FILE
+    return _read_config(directory, _checksums(directory))
+
+
+def _checksums(directory: Path) -> dict[str, str] | None:
     if not directory.is_dir():
         raise CheckpointError(f"no adapter directory at {str(directory)!r}")
+    return files.checksums(directory)
+
+
+def _read_config(directory: Path, sums: dict[str, str] | None) -> dict[str, Any]:
+    file = directory / CONFIG_FILE
     try:
-        with open(file, encoding="utf-8") as fh:
-            config = json.load(fh)
+        config = json.loads(files.read_verified(directory, CONFIG_FILE, sums))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{str(directory)!r} has no {CONFIG_FILE}; is it an adapter saved by peftcore.save?") from exc
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{str(file)!r} is not a peftcore adapter config (format {FORMAT!r} expected)")
@@ -201,7 +181,27 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("method", "name", "options", "targets"):
         if key not in config:
             raise CheckpointError(f"{str(file)!r} lacks the field {key!r}")
+    for key in ("targets", "trainable"):
+        paths = config.get(key, [])
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise CheckpointError(f"{str(file)!r} lists {repeated[0]!r} more than once in {key!r}; the file is malformed")
     return config
+
+
+def _read_tensors(directory: Path, sums: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    file = directory / WEIGHTS_FILE
+    try:
+        return load_tensors(files.read_verified(directory, WEIGHTS_FILE, sums))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{str(directory)!r} has no {WEIGHTS_FILE}") from exc
+    except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
 
 
 def _method_for(config: dict[str, Any], file: Path) -> Any:
@@ -239,12 +239,10 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
             targets/tensors that do not fit the model (the first mismatches are named).
         AdapterStateError: the name is already taken on this model.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     lifecycle._check_model(model)
     directory = Path(path)
-    config = read_config(directory)
+    sums = _checksums(directory)
+    config = _read_config(directory, sums)
     method = _method_for(config, directory / CONFIG_FILE)
     name = name if name is not None else config["name"]
     lifecycle._check_name(name)
@@ -258,12 +256,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         options = method.config_class(**config["options"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the options in {str(directory / CONFIG_FILE)!r} are not valid for {method.name}: {exc}") from exc
-    try:
-        tensors = load_file(str(directory / WEIGHTS_FILE))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{str(directory)!r} has no {WEIGHTS_FILE}") from exc
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {str(directory / WEIGHTS_FILE)!r}: {exc}") from exc
+    tensors = _read_tensors(directory, sums)
 
     targets, trainable = list(config["targets"]), list(config.get("trainable", []))
     modules = dict(targeting.iter_modules(model))

@@ -37,7 +37,7 @@ def test_save_then_load_into_fresh_model_reproduces_outputs_exactly(tmp_path, fa
 def test_saved_files_hold_only_adapter_and_trainable_weights(tmp_path):
     model, _ = _trained("minilm", rank=4, trainable=["classifier"])
     path = peftcore.save(model, tmp_path / "a")
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "adapter_config.json", "adapter_model.safetensors"]
     tensors = load_file(path / "adapter_model.safetensors")
     adapter_keys = {k for k in tensors if k.endswith((".lora_A", ".lora_B"))}
     assert set(tensors) == adapter_keys | {"classifier.weight", "classifier.bias"}
@@ -113,8 +113,12 @@ def test_pissa_adapter_round_trip_and_unwrap(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
+    """A saved adapter without its SHA256SUMS: these tests edit the files by hand, as a user who
+    deleted the checksums would (the checksum tests are in tests/test_files.py)."""
     model, _ = _trained("minilm", rank=4, trainable=["classifier"])
-    return peftcore.save(model, tmp_path / "adapter")
+    path = peftcore.save(model, tmp_path / "adapter")
+    (path / "SHA256SUMS").unlink()
+    return path
 
 
 def _expect_load_error(model, path, match, error=peftcore.CheckpointError):
