@@ -56,6 +56,19 @@ def test_default_targets_gpt2_scale_only_the_k_and_v_thirds_of_c_attn():
     assert model.transformer.h[0].mlp.c_proj.ia3_l["default"].shape == (128,)  # input of c_proj: 4 * n_embd
 
 
+def test_scale_packed_query_scales_all_of_c_attn_as_hf_peft_does():
+    model = peftcore.wrap(tiny_model("gpt2"), "ia3", scale_packed_query=True)
+    assert _specs(model)["transformer.h.0.attn.c_attn"] == IA3Spec(False, None)
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.ia3_l["default"].shape == (96,)
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        layer.ia3_l["default"].copy_(torch.linspace(0.5, 1.5, 96))
+        torch.testing.assert_close(layer(x), layer.base_layer(x) * torch.linspace(0.5, 1.5, 96))
+    with pytest.raises(ConfigError, match="scale_packed_query must be True or False"):
+        peftcore.wrap(tiny_model("gpt2"), "ia3", scale_packed_query="yes")
+
+
 def test_default_targets_llama():
     model = peftcore.wrap(tiny_model("llama"), "ia3")
     expected = {}
@@ -91,7 +104,7 @@ def test_saved_adapter_records_the_plugin_and_loading_without_it_names_the_packa
     model = peftcore.wrap(tiny_model("gpt2"), "ia3")
     peftcore.save(model, tmp_path / "ia3")
     config = json.loads((tmp_path / "ia3" / "adapter_config.json").read_text())
-    assert config["method"] == "ia3" and config["options"] == {"feedforward": None}
+    assert config["method"] == "ia3" and config["options"] == {"feedforward": None, "scale_packed_query": False}
     assert config["provider"] == {"distribution": DIST["Name"], "version": DIST["Version"]}
 
     fresh = tiny_model("gpt2")

@@ -22,11 +22,19 @@ class IA3Config:
             matched against the path, or ``None`` for the built-in patterns (BERT
             ``layer.<i>.output.dense``, GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``, ``fc2``).
             ``[]`` scales the output of every target.
+        scale_packed_query: for a packed q/k/v projection (GPT-2 ``c_attn``, see
+            :func:`~peftcore_ia3.method.packed_kv_slice`): ``False`` (default) scales the key and
+            value outputs only, as in the paper; ``True`` scales every output, query included, as
+            HF PEFT's IA3 does (its vector has ``3 * n_embd`` entries). Adapters read from PEFT's
+            format set it.
     """
 
     feedforward: Selection = None
+    scale_packed_query: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scale_packed_query, bool):
+            raise ConfigError(f"ia3 scale_packed_query must be True or False, got {self.scale_packed_query!r}")
         value = self.feedforward
         if isinstance(value, tuple):
             value = self.feedforward = list(value)

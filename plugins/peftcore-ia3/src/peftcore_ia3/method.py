@@ -100,6 +100,8 @@ class IA3Method(LayerMethod):
         """How adapter ``config`` scales the module at ``path``."""
         if _selected(config.feedforward, path):
             return IA3Spec(feedforward=True)
+        if config.scale_packed_query:
+            return IA3Spec(feedforward=False)
         return IA3Spec(feedforward=False, out_slice=packed_kv_slice(path, _base(model.get_submodule(path))))
 
     # -- Method protocol ---------------------------------------------------------------------------
