@@ -21,6 +21,7 @@ from torch import nn
 
 from peftcore import registry, targeting
 from peftcore.errors import AdapterNotFoundError, AdapterStateError, ConfigError, PeftcoreError, TargetError
+from peftcore.integrations import transformers as hf_integration
 
 STATE_ATTR = "_peftcore"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -272,6 +273,7 @@ def attach(model: nn.Module, method: Any, name: str, config: Any, paths: list[st
         if state is None:
             state = PeftState({}, [], {n: p.requires_grad for n, p in model.named_parameters()})
             model.__dict__[STATE_ATTR] = state
+            hf_integration.install(model)  # its save_pretrained (and Trainer's saves) write the adapter too
         method.attach(model, name, config, paths)
         provider = registry.method_provider(method.name)
         state.adapters[name] = AdapterRecord(name, method.name, config, list(paths), list(trainable), provider)
@@ -441,6 +443,7 @@ def unwrap(model: nn.Module, merge: bool = False) -> nn.Module:
         for param_name, param in model.named_parameters():
             param.requires_grad_(state.base_requires_grad.get(param_name, param.requires_grad))
         del model.__dict__[STATE_ATTR]
+        hf_integration.uninstall(model)
     return model
 
 
