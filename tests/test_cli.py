@@ -1,8 +1,12 @@
 """The command line: options parse into the library's configs, and bad input exits with a clear error."""
 
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from peftcore.cli import _config, build_parser, main
 from peftcore.train.config import FinetuneConfig
@@ -89,3 +93,27 @@ def test_help_lists_the_commands_and_options(capsys):
     assert "--methods" in text and "--in-process" in text and "--early-stopping" in text and "lora,adapter,prefix,prompt" in text
     assert main([]) == 2
     assert "finetune" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # about 5 s: a tiny BERT, one epoch
+def test_finetune_bf16_with_lora(tmp_path, capsys):
+    """``--bf16`` runs forward and loss under CPU bf16 autocast; LoRA's op follows it (it used to
+    stop at the first layer fed bf16 with 'bias dtype Float differs from x dtype BFloat16')."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
+    from train_models import save_tiny_model, write_subset
+
+    model_dir = save_tiny_model(tmp_path / "tiny-bert")
+    train, val = write_subset(tmp_path, 4, 2)
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["finetune", "--no-progress", "--seed", "1", "--model", str(model_dir), "--data", str(train),
+                     "--validation-data", str(val), "--strategy", "lora", "--rank", "4", "--epochs", "1", "--bf16",
+                     "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["saved"] == "adapter" and all(loss == loss for loss in metrics["step_losses"])  # no NaN
+    assert json.loads((out / "config.json").read_text())["bf16"]
+

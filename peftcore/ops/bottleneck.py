@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from peftcore.errors import ConfigError
-from peftcore.ops import dispatch
+from peftcore.ops import autocast, dispatch
 
 OP = "bottleneck"
 
@@ -139,6 +139,9 @@ def bottleneck(
 ) -> torch.Tensor:
     """The bottleneck op on the chosen backend; arguments as in :func:`reference_bottleneck`.
 
+    Under ``torch.autocast`` on ``x``'s device type every tensor is cast to the autocast dtype
+    first, as ``nn.Linear`` does (see :mod:`peftcore.ops.autocast`).
+
     Args:
         backend: ``"auto"``/``None`` (best available, or ``PEFTCORE_BACKEND``), or a backend name.
 
@@ -146,6 +149,9 @@ def bottleneck(
         ConfigError: shapes, dtypes or the activation do not fit (the message says which).
         BackendUnavailableError: a named backend cannot run here.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # as nn.Linear: compute in the region's dtype
+        x, W_down, b_down, W_up, b_up, residual = autocast.cast(device_type, x, W_down, b_down, W_up, b_up, residual)
     check_args(x, W_down, b_down, W_up, b_up, activation, residual)
-    kernel = dispatch.select(OP, x.device.type, backend)
+    kernel = dispatch.select(OP, device_type, backend)
     return kernel(x, W_down, b_down, W_up, b_up, float(scale), activation, residual)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from peftcore.ops import _extension
+from peftcore.ops import _extension, autocast
 from peftcore.ops.bottleneck import OP
 
 FORWARD = "peftcore::bottleneck"
@@ -96,6 +96,9 @@ def register() -> None:
         torch.library.register_fake(FORWARD)(_fake_forward)
         torch.library.register_fake(BACKWARD)(_fake_backward)
         torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+        autocast.register(FORWARD)  # under torch.autocast: compute in its dtype, as nn.Linear
+        if hasattr(torch.ops.peftcore, "bottleneck_autograd"):  # absent from old builds
+            autocast.register("peftcore::bottleneck_autograd")
         _registered = True
 
 

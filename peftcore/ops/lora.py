@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from peftcore.ops import dispatch, philox
+from peftcore.ops import autocast, dispatch, philox
 
 OP = "lora_linear"
 
@@ -108,6 +108,10 @@ def lora_linear(
     share one input, like q/k/v, still save one tensor's memory) and return ``(M, N)``. A
     kernel gets the seed as a tensor only if it sets ``seed_tensor = True``, else as an int.
 
+    Under ``torch.autocast`` on ``x``'s device type it runs as ``nn.Linear`` does: every tensor is
+    cast to the autocast dtype (float32 parameters stay float32 and get float32 gradients through
+    the casts) and the result has that dtype; see :mod:`peftcore.ops.autocast`.
+
     Args:
         backend: ``"auto"``/``None`` (best available, or ``PEFTCORE_BACKEND``), or a backend name.
 
@@ -117,7 +121,10 @@ def lora_linear(
     Raises:
         BackendUnavailableError: ``backend`` names a backend that cannot run here (with the reason).
     """
-    kernel = dispatch.select(OP, x.device.type, backend)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # as nn.Linear: compute in the region's dtype
+        x, weight, bias, A, B = autocast.cast(device_type, x, weight, bias, A, B)
+    kernel = dispatch.select(OP, device_type, backend)
     if isinstance(seed, torch.Tensor) and not getattr(kernel, "seed_tensor", False):
         seed = int(seed)
     lead = x.shape[:-1]

@@ -5,6 +5,8 @@
 same ops). This module adds what the C++ side leaves to Python, for every device:
 
 * fake (meta) kernels, so ``torch.compile`` and ``torch.library.opcheck`` can trace the ops;
+* autocast kernels (:func:`peftcore.ops.autocast.register`): under ``torch.autocast`` the ops
+  cast their inputs to the autocast dtype, as ``nn.Linear`` does;
 * the autograd formula (``register_autograd``): forward saves ``x`` (the caller's tensor, not a
   copy), the rank-sized ``h`` and the seed, plus references to the parameters; backward calls
   ``lora_linear_backward``, which regenerates the dropout mask instead of reading a stored one.
@@ -21,7 +23,7 @@ import threading
 
 import torch
 
-from peftcore.ops import _extension
+from peftcore.ops import _extension, autocast
 
 OP = "lora_linear"
 _registered = False
@@ -86,6 +88,9 @@ def register() -> None:
         torch.library.register_fake("peftcore::lora_linear")(_lora_linear_fake)
         torch.library.register_fake("peftcore::lora_linear_backward")(_lora_linear_backward_fake)
         torch.library.register_autograd("peftcore::lora_linear", _backward, setup_context=_setup_context)
+        autocast.register("peftcore::lora_linear")
+        if hasattr(torch.ops.peftcore, "lora_linear_autograd"):  # absent from old builds
+            autocast.register("peftcore::lora_linear_autograd")
         _registered = True
 
 
