@@ -55,6 +55,25 @@ def test_prefix_equals_a_real_prompt_run_with_positions_restarting(family):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shift_positions_equals_a_real_prompt_run_with_positions_continuing(family):
+    """With shift_positions (HF PEFT's meaning) the real tokens take positions P..P+T-1 behind the prefix."""
+    model = DECODERS[family]()
+    prompt = torch.tensor([[5, 17, 99]])
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    keys, values = _prompt_cache(model, prompt)
+    with torch.no_grad():
+        full = torch.cat([prompt.expand(2, -1), ids], dim=1)
+        expected = model(full).logits[:, 3:]  # default positions 0..8
+        given = model(full, position_ids=torch.cat([torch.arange(3), torch.arange(5, 11)]).expand(2, -1)).logits[:, 3:]
+    peftcore.wrap(model, "prefix", virtual_tokens=3, shift_positions=True)
+    _set_prefix(model, keys, values)
+    torch.testing.assert_close(output_of(model, {"input_ids": ids}), expected, rtol=1e-5, atol=1e-5)
+    # caller-given positions are moved behind the prefix as well
+    got = output_of(model, {"input_ids": ids, "position_ids": torch.arange(2, 8).expand(2, -1)})
+    torch.testing.assert_close(got, given, rtol=1e-5, atol=1e-5)
+
+
 def _bert_reference(model, inputs, keys, values):
     """MiniLM classifier logits with ``keys``/``values`` (L, heads, P, d) in front of every layer's attention.
 
@@ -126,6 +145,17 @@ def test_greedy_generate_equals_step_by_step_forward(family):
         generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, greedy_by_forward(model, ids, mask, 6))
     assert not torch.equal(generated, base)  # the prefix steers generation
+
+
+def test_greedy_generate_with_shift_positions_equals_step_by_step_forward():
+    model = gpt2()
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    peftcore.wrap(model, "prefix", virtual_tokens=4, shift_positions=True)
+    perturb(model.peftcore_prefix, scale=2.0)
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, greedy_by_forward(model, ids, mask, 6))
 
 
 def test_a_returned_cache_continues_and_is_checked():
@@ -343,6 +373,8 @@ def test_gradient_checkpointing_is_refused():
 
 
 def test_config_validation():
+    with pytest.raises(peftcore.ConfigError, match="shift_positions must be True or False"):
+        PrefixConfig(shift_positions=1)
     assert PrefixConfig().virtual_tokens == 20 and PrefixConfig().projection is None
     for bad in ({"virtual_tokens": 0}, {"virtual_tokens": 2.0}, {"projection": -1}, {"init": "text"}):
         with pytest.raises(peftcore.ConfigError):

@@ -5,8 +5,9 @@ pickling and ``state_dict`` carry the prefixes) and registers one forward pre-ho
 method of itself, on the transformer body (``model.bert``, ``model.transformer``, ...). The hook
 puts the running adapter's keys and values into a ``transformers.DynamicCache`` as the first P
 positions of every layer, extends the attention mask over them, and gives the real tokens the
-positions they have without a prefix. The model's own attention code then attends to the prefix:
-no transformers ``forward`` is copied.
+positions they have without a prefix (with ``shift_positions``: the positions behind it, as HF
+PEFT does). The model's own attention code then attends to the prefix: no transformers
+``forward`` is copied.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ class PrefixEncoder(nn.Module):
         hidden_size: the MLP's input size (the model's hidden size).
         dtype: parameter dtype.
         device: parameter device.
+        shift_positions: whether the real tokens take positions behind the prefix (P..P+T-1).
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, virtual_tokens: int, projection: int | None,
-                 hidden_size: int, *, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, *, dtype: torch.dtype, device: torch.device, shift_positions: bool = False):
         super().__init__()
         self.shape = (layers, kv_heads, virtual_tokens, head_dim)
         self.virtual_tokens = virtual_tokens
+        self.shift_positions = shift_positions
         self.projection = projection
         factory = {"dtype": dtype, "device": device}
         if projection is None:
@@ -160,9 +163,12 @@ class PrefixTuning(nn.Module):
         past = calls.cache_length(cache) - tokens  # real positions the cache held before this call
         reference = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
         call["attention_mask"] = calls.extend_mask(call.get("attention_mask"), batch, tokens, past + length, reference.device)
+        shift = tokens if encoder.shift_positions else 0  # HF PEFT's positions: behind the prefix
         if self.takes_positions and call.get("position_ids") is None:
-            # what the body computes without a prefix: the real tokens keep positions past..past+T-1
-            call["position_ids"] = torch.arange(past, past + length, device=reference.device).unsqueeze(0)
+            # without shift, what the body computes without a prefix: the real tokens keep positions past..past+T-1
+            call["position_ids"] = torch.arange(shift + past, shift + past + length, device=reference.device).unsqueeze(0)
+        elif self.takes_positions and shift:
+            call["position_ids"] = call["position_ids"] + shift
         return (), call
 
     def extra_repr(self) -> str:

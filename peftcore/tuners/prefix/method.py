@@ -141,7 +141,7 @@ class PrefixMethod:
             model.add_module(HOLDER, holder)
             body.register_forward_pre_hook(holder.pre_forward, with_kwargs=True)
         encoder = PrefixEncoder(layers, kv_heads, head_dim, config.virtual_tokens, config.projection, hidden,
-                                dtype=like.dtype, device=like.device)
+                                dtype=like.dtype, device=like.device, shift_positions=config.shift_positions)
         _initialise(encoder, model, body, config)
         holder.adapters[name] = encoder
 
