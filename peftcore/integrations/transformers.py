@@ -59,8 +59,20 @@ def save_adapters(model: nn.Module, directory: str | os.PathLike) -> list[Path]:
     names = list(peftcore.adapters(model))
     directory = Path(directory)
     if len(names) == 1:
-        return [peftcore.save(model, directory / ADAPTER_DIR)]
-    return [peftcore.save(model, directory / ADAPTERS_DIR / name, name=name) for name in names]
+        targets = {names[0]: directory / ADAPTER_DIR}
+    else:
+        targets = {name: directory / ADAPTERS_DIR / name for name in names}
+    written = []
+    for name, target in targets.items():
+        try:
+            written.append(peftcore.save(model, target, name=name))
+        except peftcore.CheckpointError as exc:
+            raise peftcore.CheckpointError(
+                f"cannot write adapter {name!r} of this wrapped {type(model).__name__} beside the model in "
+                f"{str(directory)!r}: {exc}. save_pretrained (and so transformers.Trainer) writes it to "
+                f"{str(target)!r}: move what is there away, or save to another directory"
+            ) from exc
+    return written
 
 
 class SavePretrained:

@@ -211,6 +211,15 @@ def test_saving_a_second_time_replaces_the_adapter(tmp_path):
     assert_same_logits(restored("gpt2", tmp_path / ADAPTER_DIR), model, probe("gpt2"))
 
 
+def test_a_foreign_adapter_directory_is_an_error_before_anything_is_written(tmp_path):
+    (tmp_path / ADAPTER_DIR).mkdir()
+    (tmp_path / ADAPTER_DIR / "notes.txt").write_text("mine")
+    with pytest.raises(peftcore.CheckpointError, match="save_pretrained .* writes it to .*adapter'"):
+        trained().save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_DIR]
+    assert (tmp_path / ADAPTER_DIR / "notes.txt").read_text() == "mine"
+
+
 def test_only_the_main_process_writes_the_adapter(tmp_path):
     trained().save_pretrained(tmp_path, is_main_process=False)
     assert not (tmp_path / ADAPTER_DIR).exists()
