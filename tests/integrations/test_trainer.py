@@ -52,7 +52,8 @@ def dataset(family: str, n: int = 16, length: int = 8) -> list[dict]:
     return rows
 
 
-def probe(family: str) -> dict:
+def probe() -> dict:
+    """A fixed batch of GPT-2/BERT-sized token ids to compare logits on."""
     ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(5))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -69,7 +70,7 @@ def trainer(model, family, out, *, max_steps=4, save_steps=2, **extra):
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], max_steps=max_steps, save_steps=save_steps,
                              per_device_train_batch_size=4, learning_rate=5e-2, seed=0, disable_tqdm=True, logging_steps=1,
                              dataloader_num_workers=0, **extra)
-    return Trainer(model=model, args=args, train_dataset=dataset(family), **({"eval_dataset": dataset(family, 8)} if "eval_strategy" in extra else {}))
+    return Trainer(model=model, args=args, train_dataset=dataset(family), eval_dataset=dataset(family, 8))
 
 
 def restored(family, path):
@@ -84,14 +85,15 @@ def assert_same_logits(a, b, inputs):
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
 def test_save_model_writes_an_adapter_that_restores_the_trained_logits(family, tmp_path):
     model = wrapped(family)
-    trainer(model, family, tmp_path / "run", save_strategy="no").train()
-    trainer_out = tmp_path / "final"
-    trainer(model, family, tmp_path / "run", save_strategy="no").save_model(str(trainer_out))
+    t = trainer(model, family, tmp_path / "run", save_strategy="no")
+    t.train()
+    t.save_model(str(tmp_path / "final"))
 
-    assert ADAPTER_FILES <= {p.name for p in (trainer_out / ADAPTER_DIR).iterdir()}
-    inputs = probe(family)
+    adapter = tmp_path / "final" / ADAPTER_DIR
+    assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
+    inputs = probe()
     assert (logits(model, inputs) - logits(fresh_base(family), inputs)).abs().max().item() > 1e-2  # the adapter matters
-    assert_same_logits(restored(family, trainer_out / ADAPTER_DIR), model, inputs)
+    assert_same_logits(restored(family, adapter), model, inputs)
 
 
 def test_every_checkpoint_holds_the_adapter_of_its_step(tmp_path):
@@ -102,7 +104,7 @@ def test_every_checkpoint_holds_the_adapter_of_its_step(tmp_path):
 
     class Record(TrainerCallback):
         def on_save(self, args, state, control, model=None, **kwargs):
-            seen[state.global_step] = logits(model, probe("gpt2"))
+            seen[state.global_step] = logits(model, probe())
             model.train()
 
     t = trainer(model, "gpt2", tmp_path, max_steps=4, save_steps=2)
@@ -113,7 +115,7 @@ def test_every_checkpoint_holds_the_adapter_of_its_step(tmp_path):
     for step, expected in seen.items():
         adapter = tmp_path / f"checkpoint-{step}" / ADAPTER_DIR
         assert ADAPTER_FILES <= {p.name for p in adapter.iterdir()}
-        got = logits(restored("gpt2", adapter), probe("gpt2"))
+        got = logits(restored("gpt2", adapter), probe())
         assert (got - expected).abs().max().item() <= 1e-5
     assert (seen[2] - seen[4]).abs().max().item() > 1e-3  # two different adapters, each in its own checkpoint
 
@@ -136,7 +138,7 @@ def test_resume_from_checkpoint_ends_with_the_adapter_of_the_uninterrupted_run(t
     assert want.keys() == got.keys() and want
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
-    assert_same_logits(restored("gpt2", tmp_path / "resumed" / "checkpoint-6" / ADAPTER_DIR), through, probe("gpt2"))
+    assert_same_logits(restored("gpt2", tmp_path / "resumed" / "checkpoint-6" / ADAPTER_DIR), through, probe())
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
@@ -152,7 +154,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
     t.train()
 
     assert t.state.best_model_checkpoint == str(tmp_path / "checkpoint-2")
-    inputs = probe("gpt2")
+    inputs = probe()
     assert_same_logits(restored("gpt2", tmp_path / "checkpoint-2" / ADAPTER_DIR), model, inputs)
     last = logits(restored("gpt2", tmp_path / "checkpoint-4" / ADAPTER_DIR), inputs)
     assert (last - logits(model, inputs)).abs().max().item() > 1e-3
@@ -183,7 +185,7 @@ def test_from_pretrained_alone_gives_the_base_and_the_adapter_is_beside_it(tmp_p
     and ``peftcore.load`` adds the adapter back."""
     from transformers import GPT2LMHeadModel
 
-    model, inputs = trained(), probe("gpt2")
+    model, inputs = trained(), probe()
     model.save_pretrained(tmp_path)
     assert ADAPTER_FILES <= {p.name for p in (tmp_path / ADAPTER_DIR).iterdir()}
 
@@ -200,7 +202,7 @@ def test_several_adapters_each_get_a_directory(tmp_path):
     assert not (tmp_path / ADAPTER_DIR).exists()
     assert sorted(p.name for p in (tmp_path / ADAPTERS_DIR).iterdir()) == ["default", "second"]
     peftcore.activate(model, "default")
-    assert_same_logits(restored("gpt2", tmp_path / ADAPTERS_DIR / "default"), model, probe("gpt2"))
+    assert_same_logits(restored("gpt2", tmp_path / ADAPTERS_DIR / "default"), model, probe())
 
 
 def test_saving_a_second_time_replaces_the_adapter(tmp_path):
@@ -208,7 +210,7 @@ def test_saving_a_second_time_replaces_the_adapter(tmp_path):
     model.save_pretrained(tmp_path)
     nudge(model, seed=4)
     model.save_pretrained(tmp_path)
-    assert_same_logits(restored("gpt2", tmp_path / ADAPTER_DIR), model, probe("gpt2"))
+    assert_same_logits(restored("gpt2", tmp_path / ADAPTER_DIR), model, probe())
 
 
 def test_a_foreign_adapter_directory_is_an_error_before_anything_is_written(tmp_path):
@@ -226,7 +228,7 @@ def test_only_the_main_process_writes_the_adapter(tmp_path):
 
 
 def test_copies_save_their_own_adapter(tmp_path):
-    model, inputs = trained(), probe("gpt2")
+    model, inputs = trained(), probe()
     for i, copied in enumerate([copy.deepcopy(model), pickle.loads(pickle.dumps(model))]):
         nudge(copied, seed=4 + i)
         copied.save_pretrained(tmp_path / str(i))
@@ -239,7 +241,7 @@ def test_loaded_adapters_are_saved_too(tmp_path):
     peftcore.save(source, tmp_path / "saved")
     model = peftcore.load(fresh_base("gpt2"), tmp_path / "saved")
     model.save_pretrained(tmp_path / "again")
-    assert_same_logits(restored("gpt2", tmp_path / "again" / ADAPTER_DIR), source, probe("gpt2"))
+    assert_same_logits(restored("gpt2", tmp_path / "again" / ADAPTER_DIR), source, probe())
 
 
 def test_unwrap_gives_back_the_plain_save_pretrained(tmp_path):
