@@ -79,8 +79,8 @@ class SavePretrained:
     """``save_pretrained`` of one wrapped transformers model: its adapters, then the class's method.
 
     The adapters are written first, so a destination peftcore refuses (a file, a foreign
-    ``adapter`` directory) raises before anything is written, and only where the class's method
-    would write (``is_main_process``). The model holds this object and this object the model, so
+    ``adapter`` directory) raises before the model's own files are written; they are written only
+    by the process that saves (``is_main_process``). The model holds this object and this object the model, so
     ``copy.deepcopy`` and pickling give a copy that saves its own adapters.
     """
 
