@@ -267,18 +267,45 @@ def resolve_trainable(model: nn.Module, trainable: targeting.Selection, targets:
 
 
 def attach(model: nn.Module, method: Any, name: str, config: Any, paths: list[str], trainable: list[str]) -> None:
-    """Attaches adapter ``name`` to resolved paths and records it; all or nothing."""
+    """Attaches adapter ``name`` to resolved paths and records it; all or nothing.
+
+    Every module the method adds takes the training mode of the module it stands in for (see
+    :func:`match_training_mode`), whatever mode its constructor left it in.
+    """
     state = get_state(model, required=False)
     with transaction(model):
         if state is None:
             state = PeftState({}, [], {n: p.requires_grad for n, p in model.named_parameters()})
             model.__dict__[STATE_ATTR] = state
             hf_integration.install(model)  # its save_pretrained (and Trainer's saves) write the adapter too
+        before = {id(m) for m in model.modules()}
         method.attach(model, name, config, paths)
+        match_training_mode(model, before)
         provider = registry.method_provider(method.name)
         state.adapters[name] = AdapterRecord(name, method.name, config, list(paths), list(trainable), provider)
         state.active = [name] + [n for n in state.active if state.adapters[n].merged]
         _apply_active(model, state)
+
+
+def match_training_mode(model: nn.Module, before: set[int]) -> None:
+    """Puts every module of ``model`` not in ``before`` (ids) into the training mode it should have.
+
+    A module that keeps an original module as ``base_layer`` (an adapter layer) takes that
+    module's mode; any other new module takes its parent's. Original modules keep their own, so a
+    model in eval mode stays in eval mode after ``wrap``/``load`` (no dropout at inference), and
+    one in training mode trains its adapters with dropout.
+    """
+
+    def visit(module: nn.Module, mode: bool) -> None:
+        for child in module.children():
+            if id(child) in before:
+                visit(child, child.training)
+                continue
+            base = child._modules.get("base_layer")
+            child.training = base.training if base is not None and id(base) in before else mode
+            visit(child, child.training)
+
+    visit(model, model.training)
 
 
 def adapters(model: nn.Module) -> "AdapterTable":
@@ -347,20 +374,58 @@ def delete(model: nn.Module, name: str) -> None:
         unwrap(model)
         return
     method = registry.get_method(record.method)
-    with transaction(model):
-        if record.merged:
-            method.unmerge(model, name)
-        method.detach(model, name)
-        del state.adapters[name]
-        state.active = [n for n in state.active if n != name]
-        _apply_active(model, state)
+    unmerged = [name] if record.merged else []
+    _fold(model, state, unmerged, merging=False)
+    try:
+        with transaction(model):
+            method.detach(model, name)
+            del state.adapters[name]
+            state.active = [n for n in state.active if n != name]
+            _apply_active(model, state)
+    except BaseException:
+        _fold(model, state, unmerged, merging=True)
+        raise
+
+
+def _fold(model: nn.Module, state: PeftState, names: Sequence[str], merging: bool) -> None:
+    """Merges (``merging``) or unmerges the named adapters; all or nothing.
+
+    Merging writes base weights in place, which :func:`transaction` cannot undo, so a failure
+    is undone by the inverse operation on every adapter this call touched, the failing one
+    included (a method's ``unmerge`` takes back whatever part of a failed ``merge`` it folded in;
+    :class:`~peftcore.tuners.base.LayerMethod` tracks this per layer). The weights then hold
+    what they held before, up to float rounding.
+    """
+    touched: list[str] = []
+    try:
+        for name in names:
+            record = state.adapters[name]
+            method = registry.get_method(record.method)
+            touched.append(name)
+            (method.merge if merging else method.unmerge)(model, name)
+            record.merged = merging
+    except BaseException as exc:
+        for name in reversed(touched):
+            record = state.adapters[name]
+            method = registry.get_method(record.method)
+            try:
+                (method.unmerge if merging else method.merge)(model, name)
+            except Exception as undo:
+                raise AdapterStateError(
+                    f"{'merging' if merging else 'unmerging'} adapter {touched[-1]!r} failed ({type(exc).__name__}: {exc}), "
+                    f"and taking adapter {name!r} back failed too ({type(undo).__name__}: {undo}); the base weights may "
+                    "hold part of an adapter: reload the base model"
+                ) from exc
+            record.merged = not merging
+        raise
 
 
 def merge(model: nn.Module, name: str | None = None) -> None:
     """Folds an adapter (default: every active one) into the base weights.
 
     A merged adapter costs nothing at inference; its parameters stay, so :func:`unmerge` can
-    take it back out (up to float rounding).
+    take it back out (up to float rounding). All or nothing: if merging one of several adapters
+    fails, the ones already merged are taken back out and the error is raised.
 
     Raises:
         AdapterStateError: nothing active, or the method does not merge.
@@ -375,22 +440,20 @@ def merge(model: nn.Module, name: str | None = None) -> None:
             raise AdapterStateError(
                 f"adapter {record.name!r} uses {record.method!r}, which cannot be merged into base weights"
             )
+    _fold(model, state, [r.name for r in records if not r.merged], merging=True)
     for record in records:
-        if not record.merged:
-            registry.get_method(record.method).merge(model, record.name)
-            record.merged = True
-            if record.name not in state.active:
-                state.active.append(record.name)
+        if record.name not in state.active:
+            state.active.append(record.name)
     _apply_active(model, state)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Takes every merged adapter back out of the base weights (adapters stay attached and active)."""
+    """Takes every merged adapter back out of the base weights (adapters stay attached and active).
+
+    All or nothing: if one adapter fails to unmerge, those already unmerged are merged again.
+    """
     state = get_state(model)
-    for record in state.adapters.values():
-        if record.merged:
-            registry.get_method(record.method).unmerge(model, record.name)
-            record.merged = False
+    _fold(model, state, [n for n, r in state.adapters.items() if r.merged], merging=False)
 
 
 @contextlib.contextmanager
@@ -432,18 +495,22 @@ def unwrap(model: nn.Module, merge: bool = False) -> nn.Module:
             record = state.adapters[name]
             if not registry.get_method(record.method).merges:
                 raise AdapterStateError(f"adapter {name!r} uses {record.method!r}, which cannot be merged; unwrap without merge=True")
-    with transaction(model):
-        for name, record in list(state.adapters.items()):
-            method = registry.get_method(record.method)
-            if merge and name in state.active and not record.merged:
-                method.merge(model, name)
-            elif not merge and record.merged:
-                method.unmerge(model, name)
-            method.detach(model, name)
-        for param_name, param in model.named_parameters():
-            param.requires_grad_(state.base_requires_grad.get(param_name, param.requires_grad))
-        del model.__dict__[STATE_ATTR]
-        hf_integration.uninstall(model)
+    if merge:
+        folded, merging = [n for n in state.active if not state.adapters[n].merged], True
+    else:
+        folded, merging = [n for n, r in state.adapters.items() if r.merged], False
+    _fold(model, state, folded, merging)
+    try:
+        with transaction(model):
+            for name, record in list(state.adapters.items()):
+                registry.get_method(record.method).detach(model, name)
+            for param_name, param in model.named_parameters():
+                param.requires_grad_(state.base_requires_grad.get(param_name, param.requires_grad))
+            del model.__dict__[STATE_ATTR]
+            hf_integration.uninstall(model)
+    except BaseException:
+        _fold(model, state, folded, not merging)
+        raise
     return model
 
 

@@ -16,6 +16,9 @@ check               what must hold
 ==================  =========================================================================
 identity_at_init    a freshly wrapped model computes what the base does (only where the
                     method declares ``identity_at_init``)
+training_mode       every module that ``wrap`` or ``load`` adds takes the training mode of the
+                    model it joins (eval model: eval adapters, so two forwards agree; train
+                    model: train adapters), and ``model.train()``/``eval()`` reach them
 disable             after perturbing the adapter, its outputs differ from the base, and inside
                     ``peftcore.disabled`` they are the base's again
 save_load           ``peftcore.save`` then ``peftcore.load`` on a fresh model reproduces the
@@ -56,7 +59,7 @@ from peftcore.errors import AdapterStateError, ConfigError, PeftcoreError
 from peftcore.tuners.base import AdapterLayer
 
 #: Every check :func:`check_method` runs, in order.
-CHECKS = ("identity_at_init", "disable", "save_load", "merge", "gradients", "unwrap", "dtype")
+CHECKS = ("identity_at_init", "training_mode", "disable", "save_load", "merge", "gradients", "unwrap", "dtype")
 #: Model families :func:`tiny_model` builds.
 TINY_FAMILIES = ("bert", "gpt2", "llama")
 
@@ -391,6 +394,34 @@ class _Kit:
             raise _Failure("peftcore.adapters(model) does not list the adapter after wrap")
         self.close("identity_at_init", self.run(model), self.base_out,
                    "a freshly wrapped model does not compute what the base model does, though the method declares identity_at_init")
+        return "passed"
+
+    def _modes(self, model: nn.Module, mode: bool, how: str) -> None:
+        wrong = [n or "<model>" for n, m in model.named_modules() if m.training != mode]
+        if wrong:
+            raise _Failure(f"after {how}, modules {wrong[:5]} have training={not mode}, expected training={mode}: "
+                           "adapter modules must follow the model's train/eval mode")
+
+    def check_training_mode(self) -> str:
+        model = self.wrapped_perturbed()  # fresh() returns eval-mode models
+        self._modes(model, False, "peftcore.wrap on a model in eval mode")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 3)
+            first = self.run(model)
+            torch.manual_seed(self.seed + 4)
+            self.equal(self.run(model), first, "two forwards of a wrapped model in eval mode differ (dropout or other "
+                                               "training-only behaviour runs at inference)")
+        model.train()
+        self._modes(model, True, "model.train() on the wrapped model")
+        model.eval()
+        self._modes(model, False, "model.eval() on the wrapped model")
+        trained = self.wrap(self.fresh().train())
+        self._modes(trained, True, "peftcore.wrap on a model in training mode")
+        with tempfile.TemporaryDirectory(prefix="peftcore-conformance-") as tmp:
+            peftcore.save(model, Path(tmp) / "adapter")
+            loaded = peftcore.load(self.fresh(), Path(tmp) / "adapter")
+        self._modes(loaded, False, "peftcore.load onto a model in eval mode")
+        self.equal(self.run(loaded), first, "outputs of a fresh eval-mode model after peftcore.load differ from the saved model's")
         return "passed"
 
     def check_disable(self) -> str:

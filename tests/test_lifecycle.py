@@ -420,3 +420,108 @@ def test_mha_out_proj_is_refused():
 def test_wrap_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         peftcore.wrap(object(), "lora")
+
+
+# -- training mode: adapters follow the model (eval after wrap/load means no dropout) ------------------
+
+def test_wrap_on_an_eval_model_keeps_it_deterministic_and_train_mode_trains_with_dropout():
+    model, inputs = _family("minilm")  # eval mode, as a user runs inference
+    peftcore.wrap(model, "lora", rank=4, dropout=0.1)
+    _perturb_adapters(model)
+    assert not any(m.training for m in model.modules())
+    first, second = output_of(model, inputs), output_of(model, inputs)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    model.train()
+    assert all(m.training for m in model.modules())
+    assert not torch.equal(output_of(model, inputs), output_of(model, inputs))  # dropout runs in training
+
+    trained = minilm().train()
+    peftcore.wrap(trained, "adapter", size=8)
+    assert all(m.training for m in trained.modules())
+
+
+def test_load_onto_an_eval_model_gives_the_saved_outputs(tmp_path):
+    model, inputs = _family("minilm")
+    peftcore.wrap(model, "lora", rank=4, dropout=0.1)
+    _perturb_adapters(model)
+    expected = output_of(model, inputs)
+    peftcore.save(model, tmp_path / "a")
+    fresh = minilm()
+    peftcore.load(fresh, tmp_path / "a")
+    assert not any(m.training for m in fresh.modules())
+    torch.testing.assert_close(output_of(fresh, inputs), expected, rtol=0, atol=0)
+
+
+def test_an_adapter_layer_takes_the_mode_of_the_module_it_replaces():
+    model = mlp().train()
+    model.fc1.eval()  # a user who froze one layer's dropout/batch-norm behaviour
+    peftcore.wrap(model, "lora", rank=2, targets=["fc1", "fc2"])
+    assert not model.fc1.training and not model.fc1.lora_A.training
+    assert model.fc2.training and model.fc2.lora_A.training
+
+
+# -- merge, unmerge and unwrap(merge=True) are all or nothing ------------------------------------------
+
+def _two_merged_adapters_failing_at(monkeypatch, method_name, fail_name, fail_at):
+    from peftcore.tuners.lora import layers
+
+    model, inputs = _family("gpt2")
+    peftcore.wrap(model, "lora", name="a", rank=2)
+    peftcore.wrap(model, "lora", name="b", rank=3)
+    _perturb_adapters(model)
+    peftcore.activate(model, ["a", "b"])
+    original = getattr(layers.LoraLayer, method_name)
+    calls = {"n": 0}
+
+    def failing(self, name):
+        if name == fail_name:
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise RuntimeError(f"simulated failure in {method_name}")
+        return original(self, name)
+
+    return model, inputs, (layers.LoraLayer, method_name, failing)
+
+
+@pytest.mark.parametrize("fail_at", [1, 3])
+def test_merge_failing_on_the_second_adapter_takes_the_first_back_out(monkeypatch, fail_at):
+    model, inputs, patch = _two_merged_adapters_failing_at(monkeypatch, "merge", "b", fail_at)
+    expected = output_of(model, inputs)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    monkeypatch.setattr(*patch)
+    with pytest.raises(RuntimeError, match="simulated failure in merge"):
+        peftcore.merge(model)
+    assert not any(info.merged for info in peftcore.adapters(model).values())
+    assert not any(m.merged_adapters for m in model.modules() if hasattr(m, "merged_adapters"))
+    now = model.state_dict()
+    for key, value in base.items():
+        torch.testing.assert_close(now[key], value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output_of(model, inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerge_failing_on_the_second_adapter_merges_the_first_again(monkeypatch):
+    model, inputs, patch = _two_merged_adapters_failing_at(monkeypatch, "unmerge", "b", 2)
+    peftcore.merge(model)
+    merged = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    monkeypatch.setattr(*patch)
+    with pytest.raises(RuntimeError, match="simulated failure in unmerge"):
+        peftcore.unmerge(model)
+    assert all(info.merged for info in peftcore.adapters(model).values())
+    now = model.state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(now[key], value, rtol=0, atol=1e-6)
+
+
+def test_unwrap_merge_failing_leaves_the_wrapped_model_unmerged(monkeypatch):
+    model, inputs, patch = _two_merged_adapters_failing_at(monkeypatch, "merge", "b", 2)
+    expected = output_of(model, inputs)
+    fingerprint = _fingerprint(model)
+    monkeypatch.setattr(*patch)
+    with pytest.raises(RuntimeError, match="simulated failure in merge"):
+        peftcore.unwrap(model, merge=True)
+    modules, state, flags, peft_state = _fingerprint(model)
+    assert modules == fingerprint[0] and flags == fingerprint[2]
+    assert list(peft_state.adapters) == ["a", "b"] and not any(r.merged for r in peft_state.adapters.values())
+    for key, value in fingerprint[1].items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(output_of(model, inputs), expected, rtol=1e-5, atol=1e-5)

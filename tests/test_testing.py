@@ -224,3 +224,10 @@ def test_a_method_that_cannot_even_attach_fails_setup(register):
     name = register(*_broken("cannot_attach", method_class=_CannotAttach))
     with pytest.raises(AssertionError, match=r"check_method\('cannot_attach'\): setting up .* RuntimeError: attach is broken"):
         check_method(name, mlp, inputs_factory=_mlp_inputs)
+
+
+@pytest.mark.parametrize("method, options", [("lora", {"rank": 4, "dropout": 0.1}), ("adapter", {}), ("prefix", {}), ("prompt", {})])
+def test_builtin_methods_with_dropout_pass_the_training_mode_check(method, options):
+    report = check_method(method, lambda: tiny_model("bert"), **options)
+    assert report.results["training_mode"] == "passed"
+    assert report.results["disable"] == "passed"
