@@ -18,6 +18,7 @@ from peftcore.errors import (
     ConfigError,
     DataError,
     PeftcoreError,
+    PluginConflictError,
     PluginError,
     TargetError,
     UnsupportedModuleError,
@@ -54,6 +55,7 @@ __all__ = [
     "AdapterStateError",
     "CheckpointError",
     "PluginError",
+    "PluginConflictError",
     "BackendUnavailableError",
     "DataError",
 ]

@@ -42,6 +42,10 @@ class PluginError(PeftcoreError, RuntimeError):
     """A plugin cannot be found, imported, or is built for another plugin API version."""
 
 
+class PluginConflictError(PluginError):
+    """Several distributions claim one entry name and the user has not chosen one."""
+
+
 class BackendUnavailableError(PeftcoreError, RuntimeError):
     """A kernel backend asked for by name is not available here."""
 

@@ -41,7 +41,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
-from peftcore.errors import PluginError
+from peftcore.errors import PluginConflictError, PluginError
 
 #: The plugin API version this peftcore implements. A plugin states the versions it was
 #: built for in a ``peftcore_api`` attribute (an int or a tuple of ints) on its entry object.
@@ -54,10 +54,6 @@ BUILTIN_DISTRIBUTION = "peftcore"
 
 _preferences: dict[tuple[str | None, str], str] = {}
 _REGISTRIES: "weakref.WeakSet[Registry]" = weakref.WeakSet()
-
-
-class PluginConflictError(PluginError):
-    """Several distributions claim one entry name and the user has not chosen one."""
 
 
 def prefer(name: str, distribution: str | None, group: str | None = None) -> None:

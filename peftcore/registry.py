@@ -13,9 +13,6 @@ from typing import Any
 from peftcore.errors import PluginError
 from peftcore.plugin import Entry, PluginConflictError, Registry
 
-_METHOD_ATTRS = ("name", "config_class", "resolve_targets", "check_targets", "attach", "detach",
-                 "adapter_parameters", "adapter_state", "load_adapter_state", "set_active",
-                 "set_enabled", "merge", "unmerge")
 _HANDLER_ATTRS = ("method", "matches", "wrap")
 _KERNEL_ATTRS = ("op", "backend", "available")
 
@@ -33,9 +30,25 @@ def _check_attrs(obj: Any, attrs: tuple[str, ...], what: str, entry: Entry) -> N
         )
 
 
+def _method_protocol() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The data attributes and the methods of :class:`peftcore.tuners.base.Method`, read off the Protocol."""
+    from peftcore.tuners.base import Method
+
+    data = tuple(Method.__annotations__)
+    functions = tuple(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_"))
+    return data, functions
+
+
 def _validate_method(obj: Any, entry: Entry) -> Any:
     method = _instance(obj)
-    _check_attrs(method, _METHOD_ATTRS, "method", entry)
+    data, functions = _method_protocol()
+    _check_attrs(method, data + functions, "method", entry)
+    not_callable = [n for n in functions if not callable(getattr(method, n))]
+    if not_callable:
+        raise PluginError(f"the method {entry.describe()} has {', '.join(not_callable)} but not as callables; see docs/plugins.md")
+    flags = [n for n in ("merges", "identity_at_init") if not isinstance(getattr(method, n), bool)]
+    if flags:
+        raise PluginError(f"the method {entry.describe()} must set {', '.join(flags)} to True or False")
     if method.name != entry.name:
         raise PluginError(f"the method {entry.describe()} calls itself {method.name!r}; the names must agree")
     return method

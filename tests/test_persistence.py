@@ -177,3 +177,10 @@ def test_load_invalid_options(saved):
     config["options"]["rank"] = 0
     (saved / "adapter_config.json").write_text(json.dumps(config))
     _expect_load_error(minilm(), saved, "not valid for lora")
+
+
+def test_load_config_with_a_duplicated_target_is_a_checkpoint_error(saved):
+    config = json.loads((saved / "adapter_config.json").read_text())
+    config["targets"].append(config["targets"][0])
+    (saved / "adapter_config.json").write_text(json.dumps(config))
+    _expect_load_error(minilm(), saved, f"lists '{config['targets'][0]}' more than once in 'targets'")

@@ -66,6 +66,34 @@ def test_method_missing_attributes_is_rejected():
         peftcore.register_method(Incomplete())
 
 
+def test_method_without_merges_is_rejected_at_registration_not_at_merge():
+    fake = _Fake("no_merges")
+    del fake.merges
+    with pytest.raises(PluginError, match="lacks merges"):
+        peftcore.register_method(fake)
+    assert "no_merges" not in peftcore.methods()
+
+
+def test_method_flags_and_functions_are_checked_against_the_protocol():
+    fake = _Fake("string_flag")
+    fake.merges = "yes"
+    with pytest.raises(PluginError, match="must set merges to True or False"):
+        peftcore.register_method(fake)
+    fake = _Fake("data_merge")
+    fake.merge = None
+    with pytest.raises(PluginError, match="has merge but not as callables"):
+        peftcore.register_method(fake)
+
+
+def test_plugin_conflict_error_is_public():
+    assert issubclass(peftcore.PluginConflictError, peftcore.PluginError)
+    assert plugin.PluginConflictError is peftcore.PluginConflictError
+    reg = plugin.Registry("peftcore.methods", "method")
+    reg._discovered = {"dup": [_entry("dup", "dist-a"), _entry("dup", "dist-b")]}
+    with pytest.raises(peftcore.PluginConflictError):
+        reg.entry("dup")
+
+
 def _entry(name, dist, value="json:loads", version="1.0"):
     return plugin.Entry("peftcore.methods", name, value, dist, version)
 
