@@ -111,6 +111,27 @@ def test_peft_to_peftcore_same_outputs(family, kind, tmp_path):
         assert model.peftcore_prefix.adapters["default"].shape == ((2, 2, 3, 8) if family == "llama" else (2, 4, 3, 8))
 
 
+def _greedy_by_forward(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_generate_of_a_loaded_adapter_equals_greedy_decoding_by_peft_forward(kind, tmp_path):
+    # by PEFT's forward, not PEFT's generate: under transformers 5.24, PEFT 0.21.2's generate differs from
+    # greedy decoding by its own forward (prompt tuning on GPT-2 and Llama, prefix tuning on Llama)
+    base = llama()
+    directory = peft_dir(base, tmp_path / "peft", PEFT_CONFIGS[kind]())
+    model = load_peft_dir(copy.deepcopy(base), directory, tmp_path)
+    ids = token_inputs()["input_ids"][:, :4]
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, _greedy_by_forward(peft_model(base, directory), ids, 6))
+
+
 def test_minilm_prompt_sequence_classification_with_the_classifier_in_modules_to_save(tmp_path):
     # prompt, not prefix, tuning: PEFT's own prefix tuning fails on BertForSequenceClassification under
     # transformers 5.24 (it looks for a past_key_values parameter that BertModel.forward now calls cache)
