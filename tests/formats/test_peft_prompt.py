@@ -233,3 +233,21 @@ def test_unsupported_options_and_misfits_are_refused_without_touching_the_model(
         peft_prompt.to_native(base, prompt_config, tensors, "src")
     assert not peftcore.adapters(base)
     assert all(torch.equal(v, keys[k]) for k, v in base.state_dict().items())
+
+
+def test_the_initialisation_is_recorded_without_needing_a_tokenizer():
+    base = gpt2()
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2, "token_dim": 32,
+              "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hello", "tokenizer_name_or_path": "no/such/tok"}
+    native, tensors = peft_prompt.to_native(base, config, {"prompt_embeddings": torch.ones(2, 32)}, "src")
+    assert native["options"] == {"virtual_tokens": 2, "init": "vocab"}  # the saved embeddings replace any init
+    assert native["targets"] == ["transformer.wte"] and list(tensors) == ["peftcore_prompt.embeddings"]
+    model = peftcore.wrap(gpt2(), "prompt", virtual_tokens=2, init="random")
+    written, _ = peft_prompt.from_native(model, {"method": "prompt", "options": {"virtual_tokens": 2, "init": "random"},
+                                                 "targets": ["transformer.wte"]}, {"peftcore_prompt.embeddings": torch.ones(2, 32)})
+    assert written["prompt_tuning_init"] == "RANDOM" and written["token_dim"] == 32
+    text = {"virtual_tokens": 2, "init": "a text", "tokenizer": "/tok", "init_ids": [1, 2]}
+    written, _ = peft_prompt.from_native(model, {"method": "prompt", "options": text, "targets": ["transformer.wte"]},
+                                         {"peftcore_prompt.embeddings": torch.ones(2, 32)})
+    assert (written["prompt_tuning_init"], written["prompt_tuning_init_text"], written["tokenizer_name_or_path"]) == (
+        "TEXT", "a text", "/tok")
