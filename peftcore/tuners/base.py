@@ -286,6 +286,10 @@ class LayerMethod:
             f"'peftcore.layers' entry-point group (see docs/plugins.md), or leave the module out of targets"
         )
 
+    def layer_config(self, config: Any, path: str) -> Any:
+        """The options the layer at ``path`` gets (default: the adapter's; LoRA's per-module patterns)."""
+        return config
+
     def attach(self, model: nn.Module, name: str, config: Any, targets: list[str]) -> None:
         for path in targets:
             module = targeting.get_module(model, path)
@@ -295,7 +299,7 @@ class LayerMethod:
                     raise UnsupportedModuleError(self._no_handler_message(path, module))
                 module = handler.wrap(module)
                 targeting.set_module(model, path, module)
-            module.add_adapter(name, config)
+            module.add_adapter(name, self.layer_config(config, path))
             module.set_active((*module.active_adapters, name))
 
     def detach(self, model: nn.Module, name: str) -> None:

@@ -24,6 +24,9 @@ class LoraMethod(LayerMethod):
     def __init__(self) -> None:
         super().__init__(name="lora", config_class=LoraConfig, merges=True, identity_at_init=True)
 
+    def layer_config(self, config: Any, path: str) -> Any:
+        return config.for_module(path)
+
     def check_targets(self, model: nn.Module, config: Any, targets: list[str]) -> None:
         super().check_targets(model, config, targets)
         if config.init == "pissa":
