@@ -67,7 +67,7 @@ def check_options(peft_config: dict[str, Any], supported: tuple[str, ...], what:
         )
 
 
-def trainable_from_peft(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+def trainable_from_peft(model: nn.Module | None, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
                         prefix: str, source: str) -> tuple[list[str], dict[str, torch.Tensor]]:
     """PEFT's ``modules_to_save`` weights as peftcore ``trainable=`` module paths and state-dict keys.
 
@@ -80,46 +80,61 @@ def trainable_from_peft(model: nn.Module, peft_config: dict[str, Any], tensors: 
         CheckpointError: a tensor that belongs to no module named in ``modules_to_save``.
     """
     names = list(peft_config.get("modules_to_save") or [])
-    paths = [p for p, _ in targeting.iter_modules(model) if p and any(p == n or p.endswith(n) for n in names)]
+    modules = None if model is None else {p for p, _ in targeting.iter_modules(model)}
     trainable: list[str] = []
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        native = key[len(prefix):] if key.startswith(prefix) else None
-        owners = [p for p in paths if native is not None and native.startswith(p + ".")]
+        native = key[len(prefix):] if key.startswith(prefix) else ""
+        parts = native.split(".")
+        # PEFT wraps the modules whose path ends with a modules_to_save name (the outermost, where nested)
+        owners = [".".join(parts[:i]) for i in range(1, len(parts))]
+        owners = [p for p in owners if any(p == n or p.endswith(n) for n in names) and (modules is None or p in modules)]
         if not owners:
             raise CheckpointError(
                 f"the adapter in {source!r} holds {key!r}, which is neither an adapter tensor nor a weight of a module "
-                f"in modules_to_save ({', '.join(names) or 'none'}) of this {type(model).__name__}"
+                f"in modules_to_save ({', '.join(names) or 'none'}) of the model"
             )
-        owner = max(owners, key=len)
+        owner = owners[0]
         if owner not in trainable:
             trainable.append(owner)
         out[native] = tensor
     return trainable, out
 
 
-def task_type(model: nn.Module) -> str | None:
-    """PEFT's ``task_type`` for a transformers model, from its class name (None for other modules)."""
-    name = type(model).__name__
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
+def task_type(model: nn.Module | None, native_config: dict[str, Any] | None = None) -> str | None:
+    """PEFT's ``task_type`` for a transformers model, from its class name (None for other modules).
+
+    Without a model, the class recorded in a native config (``base_model.class``) is used.
+    """
+    if model is not None:
+        name = type(model).__name__
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            return "SEQ_2_SEQ_LM"
+        is_transformers = hasattr(model, "config")
+    else:
+        recorded = str(((native_config or {}).get("base_model") or {}).get("class") or "")
+        name = recorded.rsplit(".", 1)[-1]
+        is_transformers = recorded.startswith("transformers.")
     for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
                          ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
+                         ("ForQuestionAnswering", "QUESTION_ANS"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
         if name.endswith(suffix):
             return task
-    return "FEATURE_EXTRACTION" if hasattr(model, "config") and name.endswith("Model") else None
+    return "FEATURE_EXTRACTION" if is_transformers and name.endswith("Model") else None
 
 
-def base_model_name(model: nn.Module, native_config: dict[str, Any]) -> str | None:
+def base_model_name(model: nn.Module | None, native_config: dict[str, Any]) -> str | None:
     recorded = (native_config.get("base_model") or {}).get("name_or_path")
     own = getattr(getattr(model, "config", None), "_name_or_path", None)
     return recorded or own or None
 
 
-def to_native(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+def to_native(model: nn.Module | None, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
               source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A PEFT IA3 adapter as peftcore's native config and tensors; the model is only read.
+
+    Without a model (``peftcore convert``) the targets and their kinds come from the keys and
+    the vectors' shapes alone; ``peftcore.load`` checks them against the model.
 
     Raises:
         CheckpointError: an option peftcore does not implement, a target that is not ``nn.Linear``
@@ -128,7 +143,7 @@ def to_native(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, 
     if peft_config.get("peft_type") != "IA3":
         raise CheckpointError(f"{source!r}: peft_type {peft_config.get('peft_type')!r} is not IA3")
     check_options(peft_config, _OPTIONS, "IA3", source)
-    modules = dict(targeting.iter_modules(model))
+    modules = None if model is None else dict(targeting.iter_modules(model))
     native: dict[str, torch.Tensor] = {}
     targets: list[str] = []
     feedforward: list[str] = []
@@ -139,6 +154,18 @@ def to_native(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, 
             others[key] = tensor
             continue
         path = key[len(_MODEL_PREFIX):-len(_SUFFIX)]
+        shape = tuple(tensor.shape)
+        if modules is None:
+            if len(shape) != 2 or 1 not in shape:
+                raise CheckpointError(f"the IA3 vector {key!r} in {source!r} has shape {shape}; (out, 1) or (1, in) expected")
+            if shape[0] == 1 and shape[1] != 1:
+                feedforward.append(path)
+            else:
+                # PEFT scales every output; only a packed c_attn is scaled in part by peftcore's default
+                packed = packed or path.rsplit(".", 1)[-1] == "c_attn"
+            targets.append(path)
+            native[path + _SUFFIX] = tensor.reshape(-1)
+            continue
         if path not in modules:
             raise CheckpointError(f"the IA3 adapter in {source!r} scales {path!r}, which this {type(model).__name__} lacks")
         module = _base(modules[path])
@@ -149,13 +176,10 @@ def to_native(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, 
                 "supports torch.nn.Linear and transformers Conv1D targets (not Conv2d/Conv3d or quantized layers)"
             )
         n_in, n_out = _features(module)
-        shape = tuple(tensor.shape)
         if shape == (1, n_in) and (n_in, n_out) != (1, 1):
             feedforward.append(path)
         elif shape == (n_out, 1):
-            from peftcore_ia3.method import packed_kv_slice
-
-            packed = packed or packed_kv_slice(path, module) is not None
+            packed = packed or path.rsplit(".", 1)[-1] == "c_attn"  # the same rule as without a model
         else:
             raise CheckpointError(
                 f"the IA3 vector {key!r} in {source!r} has shape {shape}; {path!r} takes ({n_out}, 1) (outputs scaled) "
@@ -196,12 +220,13 @@ def _check_feedforward(peft_config: dict[str, Any], targets: list[str], feedforw
             )
 
 
-def from_native(model: nn.Module, native_config: dict[str, Any],
+def from_native(model: nn.Module | None, native_config: dict[str, Any],
                 tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A peftcore ``ia3`` adapter as PEFT's ``adapter_config.json`` dict and PEFT-keyed tensors.
 
     Args:
-        model: the model the adapter belongs to (plain or wrapped); only read.
+        model: the model the adapter belongs to (plain or wrapped; only read), or None, which
+            is enough unless a packed ``c_attn`` needs its query third filled in.
         native_config: the native config dict (``method``, ``options``, ``targets``, ``trainable``, ...).
         tensors: native-keyed tensors, adapter and ``trainable=`` ones.
 
@@ -209,7 +234,7 @@ def from_native(model: nn.Module, native_config: dict[str, Any],
         CheckpointError: not an ia3 adapter, or tensors that do not fit its targets.
     """
     from peftcore_ia3.config import IA3Config
-    from peftcore_ia3.method import IA3Method
+    from peftcore_ia3.method import IA3Method, _selected
 
     if native_config.get("method") != "ia3":
         raise CheckpointError(f"from_native of IA3 got a {native_config.get('method')!r} adapter")
@@ -224,11 +249,23 @@ def from_native(model: nn.Module, native_config: dict[str, Any],
         key = path + _SUFFIX
         if key not in tensors:
             raise CheckpointError(f"the ia3 adapter lacks the tensor {key!r} of its target {path!r}")
+        vector = tensors[key].reshape(-1)
+        if model is None:
+            if _selected(config.feedforward, path):
+                feedforward.append(path)
+                out[_MODEL_PREFIX + key] = vector.reshape(1, -1)
+                continue
+            if path.rsplit(".", 1)[-1] == "c_attn" and not config.scale_packed_query:
+                raise CheckpointError(
+                    f"writing the ia3 target {path!r} in PEFT's format needs the model: a packed c_attn's query third, "
+                    "which this adapter leaves unscaled, must be filled in, and only the module tells whether it is packed"
+                )
+            out[_MODEL_PREFIX + key] = vector.reshape(-1, 1)
+            continue
         module = _base(targeting.get_module(model, path))
         conv1d.append(is_hf_conv1d(module))
         n_in, n_out = _features(module)
         spec = method.layer_spec(model, config, path)
-        vector = tensors[key].reshape(-1)
         if spec.feedforward:
             feedforward.append(path)
             out[_MODEL_PREFIX + key] = vector.reshape(1, n_in)
@@ -246,7 +283,7 @@ def from_native(model: nn.Module, native_config: dict[str, Any],
         raise CheckpointError(f"the ia3 adapter holds tensors PEFT's IA3 has no place for: {', '.join(unexpected[:5])}")
     peft_config = {
         "peft_type": "IA3",
-        "task_type": task_type(model),
+        "task_type": task_type(model, native_config),
         "base_model_name_or_path": base_model_name(model, native_config),
         "revision": None,
         "inference_mode": True,

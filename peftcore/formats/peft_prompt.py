@@ -72,15 +72,21 @@ def _split(tensors: dict[str, torch.Tensor], source: str, what: str) -> tuple[to
     return tensors[_KEY], {k: v for k, v in tensors.items() if k != _KEY}
 
 
-def to_native(model: nn.Module, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
+def to_native(model: nn.Module | None, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor],
               source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A PEFT prompt- or prefix-tuning adapter as peftcore's native config and tensors; the model is only read.
 
     Raises:
-        CheckpointError: an unsupported task type or option, or a geometry (virtual tokens,
-            hidden size, layers, key/value heads) that does not fit the model.
+        CheckpointError: no model (it is needed), an unsupported task type or option, or a
+            geometry (virtual tokens, hidden size, layers, key/value heads) that does not fit the model.
     """
     peft_type = peft_config.get("peft_type")
+    if model is None and peft_type in PEFT_TYPES:
+        raise CheckpointError(
+            f"reading the {peft_type} adapter in {source!r} needs the base model: peftcore records the paths of its input "
+            "embeddings (prompt) or attention modules (prefix), which PEFT's file does not name; load it with "
+            "peftcore.load(model, path)"
+        )
     if peft_type == "PROMPT_TUNING":
         return _prompt_to_native(model, peft_config, tensors, source)
     if peft_type == "PREFIX_TUNING":
@@ -156,14 +162,16 @@ def _prefix_to_native(model: nn.Module, peft_config: dict[str, Any], tensors: di
     return _native_config("prefix", options, targets, trainable, extra), native
 
 
-def _peft_common(model: nn.Module, native_config: dict[str, Any], peft_type: str, tokens: int, what: str) -> dict[str, Any]:
-    task = task_type(model)
+def _peft_common(model: nn.Module | None, native_config: dict[str, Any], peft_type: str, tokens: int,
+                 what: str) -> dict[str, Any]:
+    task = task_type(model, native_config)
     if task not in TASK_TYPES:
+        name = type(model).__name__ if model is not None else (native_config.get("base_model") or {}).get("class")
         raise CheckpointError(
             f"PEFT's format cannot hold this {what} adapter: PEFT puts virtual tokens in front only for the task types "
-            f"{', '.join(TASK_TYPES)}, and {type(model).__name__} is {task or 'none of them'}; save it with format='peftcore'"
+            f"{', '.join(TASK_TYPES)}, and {name} is {task or 'none of them'}; save it with format='peftcore'"
         )
-    text = calls.model_config(model, what)
+    text = calls.model_config(model, what) if model is not None else None  # PEFT fills in what is None from the model
     return {
         "peft_type": peft_type,
         "task_type": task,
@@ -192,9 +200,12 @@ def _trainable_to_peft(native_config: dict[str, Any], tensors: dict[str, torch.T
     return {_PREFIX + k: tensors[k] for k in keys}
 
 
-def from_native(model: nn.Module, native_config: dict[str, Any],
+def from_native(model: nn.Module | None, native_config: dict[str, Any],
                 tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A peftcore ``prompt`` or ``prefix`` adapter as PEFT's ``adapter_config.json`` dict and PEFT-keyed tensors.
+
+    The model (only read) may be None: the sizes come from the tensors and the task type from
+    the model class the native config records.
 
     Raises:
         CheckpointError: what PEFT cannot hold: a prefix adapter without ``shift_positions``
@@ -209,7 +220,7 @@ def from_native(model: nn.Module, native_config: dict[str, Any],
     raise CheckpointError(f"from_native of prompt/prefix tuning got a {method!r} adapter")
 
 
-def _prompt_from_native(model: nn.Module, native_config: dict[str, Any],
+def _prompt_from_native(model: nn.Module | None, native_config: dict[str, Any],
                         tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from peftcore.tuners.prompt.config import PromptConfig
 
@@ -230,7 +241,7 @@ def _prompt_from_native(model: nn.Module, native_config: dict[str, Any],
     return config, out
 
 
-def _prefix_from_native(model: nn.Module, native_config: dict[str, Any],
+def _prefix_from_native(model: nn.Module | None, native_config: dict[str, Any],
                         tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     from peftcore.tuners.prefix.config import PrefixConfig
 

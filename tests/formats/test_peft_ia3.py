@@ -188,3 +188,22 @@ def test_unknown_options_and_misfits_are_refused_without_touching_the_model(tmp_
         peft_ia3.to_native(base, config, {**tensors, "base_model.model.lm_head.weight": torch.zeros(128, 32)}, "src")
     assert not peftcore.adapters(base)
     assert all(torch.equal(v, keys[k]) for k, v in base.state_dict().items())
+
+
+def test_without_a_model_the_same_conversion_or_a_clear_error(tmp_path):
+    """``peftcore convert`` has no model: the keys and shapes say what the model would."""
+    for make in (gpt2, llama):
+        base = make()
+        config, tensors = _read(peft_ia3_dir(base, tmp_path / make.__name__, task_type="CAUSAL_LM"))
+        with_model, with_model_tensors = peft_ia3.to_native(base, config, tensors, "src")
+        without, without_tensors = peft_ia3.to_native(None, config, tensors, "src")
+        assert without == with_model and without_tensors.keys() == with_model_tensors.keys()
+    model = peftcore.wrap(llama(), "ia3")
+    native = peftcore.save(model, tmp_path / "native")
+    config, tensors = _read(native)
+    written, written_tensors = peft_ia3.from_native(None, config, tensors)
+    expected, expected_tensors = peft_ia3.from_native(model, config, tensors)
+    assert written == expected and all(torch.equal(written_tensors[k], v) for k, v in expected_tensors.items())
+    gpt2_native = peftcore.save(peftcore.wrap(gpt2(), "ia3"), tmp_path / "gpt2-native")
+    with pytest.raises(CheckpointError, match="'transformer.h.0.attn.c_attn'.*needs the model.*query third"):
+        peft_ia3.from_native(None, *_read(gpt2_native))

@@ -251,3 +251,17 @@ def test_the_initialisation_is_recorded_without_needing_a_tokenizer():
                                          {"peftcore_prompt.embeddings": torch.ones(2, 32)})
     assert (written["prompt_tuning_init"], written["prompt_tuning_init_text"], written["tokenizer_name_or_path"]) == (
         "TEXT", "a text", "/tok")
+
+
+@pytest.mark.parametrize("kind", list(NATIVE))
+def test_writing_needs_no_model_and_reading_names_why_it_does(kind, tmp_path):
+    method, options = NATIVE[kind]
+    model = peftcore.wrap(llama(), method, **options)
+    config, tensors = _read(peftcore.save(model, tmp_path / "native"))
+    written, written_tensors = peft_prompt.from_native(None, config, tensors)
+    expected, expected_tensors = peft_prompt.from_native(model, config, tensors)
+    if method == "prompt":  # PEFT fills these in from the model when they are None
+        expected.update(num_layers=None, num_attention_heads=None)
+    assert written == expected and torch.equal(written_tensors["prompt_embeddings"], expected_tensors["prompt_embeddings"])
+    with pytest.raises(CheckpointError, match="needs the base model.*peftcore.load"):
+        peft_prompt.to_native(None, written, written_tensors, "src")
