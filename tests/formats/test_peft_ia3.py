@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from peftcore import lifecycle
 from models import gpt2, llama, minilm, minilm_inputs, output_of, token_inputs
 from peftcore.errors import CheckpointError
 from peftcore.formats import peft_ia3
+from peftcore.formats import peft as peft_format
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("peftcore_ia3")
@@ -23,7 +25,7 @@ DECODERS = {"gpt2": gpt2, "llama": llama}
 TOL = {"rtol": 0, "atol": 1e-5}
 
 
-# -- files: until peftcore.load/save speak PEFT's format, the converter plus plain reads and writes ----
+# -- files: the public API, or, where it does not speak PEFT's format yet, peftcore.formats.peft ------
 def _read(directory: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
@@ -39,20 +41,32 @@ def _write(directory: Path, config: dict, tensors: dict) -> Path:
     return directory
 
 
+def _public_api() -> bool:
+    """Whether peftcore.save/load speak PEFT's format (``save(..., format=)``) in this checkout."""
+    return "format" in inspect.signature(peftcore.save).parameters
+
+
 def load_peft_dir(model, directory: Path, tmp: Path):
-    """``peftcore.load`` of a PEFT directory: converted to the native format, then loaded."""
+    """``peftcore.load`` of a PEFT directory (before the public API read PEFT's format: converted, then loaded)."""
+    if _public_api():
+        return peftcore.load(model, directory)
     config, tensors = _read(directory)
-    native, native_tensors = peft_ia3.to_native(model, config, tensors, str(directory))
+    native, native_tensors = peft_format.to_native(model, config, tensors, str(directory))
     native_dir = _write(tmp / f"native-{directory.name}", {"format": "peftcore-adapter", "format_version": 1, **native},
                         native_tensors)
     return peftcore.load(model, native_dir)
 
 
+def save_native(model, directory: Path) -> Path:
+    return peftcore.save(model, directory, format="peftcore") if _public_api() else peftcore.save(model, directory)
+
+
 def save_peft_dir(model, directory: Path, tmp: Path) -> Path:
-    """``peftcore.save(model, directory, format="peft")``: saved natively, then converted."""
-    native_dir = peftcore.save(model, tmp / f"native-{directory.name}")
-    config, tensors = _read(native_dir)
-    return _write(directory, *peft_ia3.from_native(model, config, tensors))
+    """``peftcore.save(model, directory, format="peft")`` (before the public API wrote it: saved natively, converted)."""
+    if _public_api():
+        return peftcore.save(model, directory, format="peft")
+    config, tensors = _read(save_native(model, tmp / f"native-{directory.name}"))
+    return _write(directory, *peft_format.from_native(model, config, tensors))
 
 
 def peft_outputs(base, directory: Path, inputs: dict) -> torch.Tensor:
@@ -96,10 +110,10 @@ def test_peft_to_peftcore_same_outputs(family, tmp_path):
     if family == "gpt2":  # PEFT scales all of c_attn, query included
         assert record.config.scale_packed_query
         assert model.transformer.h[0].attn.c_attn.ia3_l["default"].shape == (96,)
-        assert record.config.feedforward == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
+        assert sorted(record.config.feedforward) == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
     else:
         assert not record.config.scale_packed_query
-        assert record.config.feedforward == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+        assert sorted(record.config.feedforward) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 
 def test_peft_to_peftcore_regex_targets_and_feedforward(tmp_path):
@@ -199,11 +213,11 @@ def test_without_a_model_the_same_conversion_or_a_clear_error(tmp_path):
         without, without_tensors = peft_ia3.to_native(None, config, tensors, "src")
         assert without == with_model and without_tensors.keys() == with_model_tensors.keys()
     model = peftcore.wrap(llama(), "ia3")
-    native = peftcore.save(model, tmp_path / "native")
+    native = save_native(model, tmp_path / "native")
     config, tensors = _read(native)
     written, written_tensors = peft_ia3.from_native(None, config, tensors)
     expected, expected_tensors = peft_ia3.from_native(model, config, tensors)
     assert written == expected and all(torch.equal(written_tensors[k], v) for k, v in expected_tensors.items())
-    gpt2_native = peftcore.save(peftcore.wrap(gpt2(), "ia3"), tmp_path / "gpt2-native")
+    gpt2_native = save_native(peftcore.wrap(gpt2(), "ia3"), tmp_path / "gpt2-native")
     with pytest.raises(CheckpointError, match="'transformer.h.0.attn.c_attn'.*needs the model.*query third"):
         peft_ia3.from_native(None, *_read(gpt2_native))

@@ -8,6 +8,7 @@ so whole logits are compared, with and without left padding.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from models import gpt2, llama, minilm, minilm_inputs, output_of, perturb, token
 from peftcore import lifecycle
 from peftcore.errors import CheckpointError
 from peftcore.formats import peft_prompt
+from peftcore.formats import peft as peft_format
 
 peft = pytest.importorskip("peft")
 
@@ -29,7 +31,7 @@ PADDED = {"input_ids": token_inputs()["input_ids"], "attention_mask": torch.tens
 CASES = {"plain": token_inputs(), "left-padded": PADDED, "no mask": {"input_ids": token_inputs()["input_ids"]}}
 
 
-# -- files: until peftcore.load/save speak PEFT's format, the converter plus plain reads and writes ----
+# -- files: the public API, or, where it does not speak PEFT's format yet, peftcore.formats.peft ------
 def _read(directory: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
@@ -45,20 +47,32 @@ def _write(directory: Path, config: dict, tensors: dict) -> Path:
     return directory
 
 
+def _public_api() -> bool:
+    """Whether peftcore.save/load speak PEFT's format (``save(..., format=)``) in this checkout."""
+    return "format" in inspect.signature(peftcore.save).parameters
+
+
 def load_peft_dir(model, directory: Path, tmp: Path):
-    """``peftcore.load`` of a PEFT directory: converted to the native format, then loaded."""
+    """``peftcore.load`` of a PEFT directory (before the public API read PEFT's format: converted, then loaded)."""
+    if _public_api():
+        return peftcore.load(model, directory)
     config, tensors = _read(directory)
-    native, native_tensors = peft_prompt.to_native(model, config, tensors, str(directory))
+    native, native_tensors = peft_format.to_native(model, config, tensors, str(directory))
     native_dir = _write(tmp / f"native-{directory.name}", {"format": "peftcore-adapter", "format_version": 1, **native},
                         native_tensors)
     return peftcore.load(model, native_dir)
 
 
+def save_native(model, directory: Path) -> Path:
+    return peftcore.save(model, directory, format="peftcore") if _public_api() else peftcore.save(model, directory)
+
+
 def save_peft_dir(model, directory: Path, tmp: Path) -> Path:
-    """``peftcore.save(model, directory, format="peft")``: saved natively, then converted."""
-    native_dir = peftcore.save(model, tmp / f"native-{directory.name}")
-    config, tensors = _read(native_dir)
-    return _write(directory, *peft_prompt.from_native(model, config, tensors))
+    """``peftcore.save(model, directory, format="peft")`` (before the public API wrote it: saved natively, converted)."""
+    if _public_api():
+        return peftcore.save(model, directory, format="peft")
+    config, tensors = _read(save_native(model, tmp / f"native-{directory.name}"))
+    return _write(directory, *peft_format.from_native(model, config, tensors))
 
 
 def peft_model(base, directory: Path):
@@ -257,7 +271,7 @@ def test_the_initialisation_is_recorded_without_needing_a_tokenizer():
 def test_writing_needs_no_model_and_reading_names_why_it_does(kind, tmp_path):
     method, options = NATIVE[kind]
     model = peftcore.wrap(llama(), method, **options)
-    config, tensors = _read(peftcore.save(model, tmp_path / "native"))
+    config, tensors = _read(save_native(model, tmp_path / "native"))
     written, written_tensors = peft_prompt.from_native(None, config, tensors)
     expected, expected_tensors = peft_prompt.from_native(model, config, tensors)
     if method == "prompt":  # PEFT fills these in from the model when they are None
