@@ -1,9 +1,12 @@
 """Saving and loading adapters: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-Tensor keys are ``<module path>.<tensor name>`` without the adapter name, e.g.
-``bert.encoder.layer.0.attention.self.query.lora_A``; the weights of ``trainable=`` modules keep
-their ordinary state-dict keys (``classifier.weight``). Converting to HF PEFT's layout is a
-renaming of keys.
+Two formats share the file names. peftcore's native one: tensor keys are ``<module path>.<tensor
+name>`` without the adapter name, e.g. ``bert.encoder.layer.0.attention.self.query.lora_A``; the
+weights of ``trainable=`` modules keep their ordinary state-dict keys (``classifier.weight``).
+HF PEFT's (``adapter_config.json`` with a ``peft_type``): converted to and from the native form
+by :mod:`peftcore.formats.peft`, a renaming of keys. :func:`load` reads both (and Hub repository
+ids); :func:`save` writes PEFT's format where it holds the adapter without loss (LoRA, DoRA) and
+the native one otherwise, unless ``format=`` says which (docs/interop.md).
 
 Writes are crash-safe and reads are verified (see :mod:`peftcore.files`): the directory is written
 whole beside the target and swapped into place in one step, with a ``SHA256SUMS`` file that
@@ -23,6 +26,7 @@ from torch import nn
 
 from peftcore import files, lifecycle, registry, targeting
 from peftcore.errors import AdapterStateError, CheckpointError, PeftcoreError, PluginError
+from peftcore.hub import resolve
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -71,7 +75,10 @@ def _config_json(value: Any) -> Any:
     raise CheckpointError(f"cannot write option value {value!r} ({type(value).__name__}) to JSON")
 
 
-def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+FORMATS = ("peft", "peftcore")
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, format: str | None = None) -> Path:
     """Writes one adapter (and its ``trainable=`` modules) to a directory; never the frozen base.
 
     Args:
@@ -79,17 +86,22 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         path: the directory to write. An existing peftcore adapter directory is replaced
             atomically; any other existing non-empty directory or file is an error.
         name: which adapter; optional when the model holds one adapter or one active adapter.
+        format: ``"peft"`` (HF PEFT's, which ``PeftModel.from_pretrained`` loads),
+            ``"peftcore"`` (native), or ``None``: PEFT's for LoRA and DoRA adapters it holds
+            without loss (peftcore-only options ride in the config key ``"peftcore"``), native
+            for everything else (the bottleneck adapter, plugin methods, ``init="pissa"``, ...).
 
     Returns:
         The directory's path.
 
     Raises:
         AdapterStateError: not wrapped, or several adapters and no ``name``.
-        CheckpointError: ``path`` holds something else.
+        CheckpointError: ``path`` holds something else, or ``format="peft"`` and PEFT's
+            format cannot hold the adapter (the message says why).
     """
     from peftcore import __version__
-    from safetensors.torch import save as save_tensors
-
+    if format not in (None, *FORMATS):
+        raise CheckpointError(f"unknown adapter format {format!r}; pass one of {', '.join(FORMATS)} (or None: the default)")
     state = lifecycle.get_state(model)
     name = _pick_adapter(state, name)
     record = state.adapters[name]
@@ -121,16 +133,41 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
             "name_or_path": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),
         },
         "dtype": dtypes,
+        "target_kinds": _target_kinds(model, record.targets),
     }
-    weights = save_tensors(tensors, metadata={"format": FORMAT, "method": record.method})
-    files.write_dir(target, {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode("utf-8")})
+    if format != "peftcore":
+        from peftcore.formats import peft
+
+        try:
+            _write(target, *peft.from_native(model, config, tensors), peft=True)
+            return target
+        except CheckpointError:
+            if format == "peft":
+                raise
+    _write(target, config, tensors, peft=False)
     return target
+
+
+def _target_kinds(model: nn.Module, targets: list[str]) -> dict[str, str]:
+    from peftcore.formats.peft_lora import target_kinds
+
+    return target_kinds(model, targets)
+
+
+def _write(target: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], peft: bool) -> None:
+    from safetensors.torch import save as save_tensors
+
+    tensors = {k: t.contiguous() for k, t in tensors.items()}
+    metadata = {"format": "pt"} if peft else {"format": FORMAT, "method": config["method"]}
+    weights = save_tensors(tensors, metadata=metadata)
+    files.write_dir(target, {WEIGHTS_FILE: weights, CONFIG_FILE: (json.dumps(config, indent=2) + "\n").encode("utf-8")})
 
 
 def _is_adapter_dir(path: Path) -> bool:
     try:
         with open(path / CONFIG_FILE, encoding="utf-8") as fh:
-            return json.load(fh).get("format") == FORMAT
+            config = json.load(fh)
+        return config.get("format") == FORMAT or "peft_type" in config
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -140,7 +177,7 @@ def _check_destination(target: Path) -> None:
         raise CheckpointError(f"cannot save an adapter to {str(target)!r}: it is a file; pass a directory path")
     if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
         raise CheckpointError(
-            f"{str(target)!r} exists and is not a peftcore adapter directory; peftcore will not overwrite "
+            f"{str(target)!r} exists and is not an adapter directory (peftcore's or HF PEFT's); peftcore will not overwrite "
             "it. Pass a new or empty directory"
         )
 
@@ -162,6 +199,12 @@ def _checksums(directory: Path) -> dict[str, str] | None:
 
 
 def _read_config(directory: Path, sums: dict[str, str] | None) -> dict[str, Any]:
+    config = _read_json(directory, sums)
+    _check_native(config, directory / CONFIG_FILE)
+    return config
+
+
+def _read_json(directory: Path, sums: dict[str, str] | None) -> Any:
     file = directory / CONFIG_FILE
     try:
         config = json.loads(files.read_verified(directory, CONFIG_FILE, sums))
@@ -171,8 +214,14 @@ def _read_config(directory: Path, sums: dict[str, str] | None) -> dict[str, Any]
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
+    return config
+
+
+def _check_native(config: Any, file: Path) -> None:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{str(file)!r} is not a peftcore adapter config (format {FORMAT!r} expected)")
+        raise CheckpointError(
+            f"{str(file)!r} is neither a peftcore adapter config (format {FORMAT!r}) nor HF PEFT's (a peft_type)"
+        )
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{str(file)!r} has format version {config['format_version']}, newer than this peftcore reads "
@@ -186,7 +235,6 @@ def _read_config(directory: Path, sums: dict[str, str] | None) -> dict[str, Any]
         repeated = sorted({p for p in paths if paths.count(p) > 1})
         if repeated:
             raise CheckpointError(f"{str(file)!r} lists {repeated[0]!r} more than once in {key!r}; the file is malformed")
-    return config
 
 
 def _read_tensors(directory: Path, sums: dict[str, str] | None) -> dict[str, torch.Tensor]:
@@ -231,18 +279,29 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
 
     Args:
         model: the base model the adapter was trained on (plain or wrapped).
-        path: a directory written by :func:`save`.
+        path: an adapter directory in either format (written by :func:`save`, by HF PEFT's
+            ``save_pretrained``, or converted), or a Hugging Face Hub repository id
+            (``"org/name"``) resolved through ``huggingface_hub``'s cache (an existing local
+            path of that name wins; ``HF_HUB_OFFLINE=1`` uses the cache only).
         name: the adapter's name on this model; default: the name it was saved under.
 
     Raises:
-        CheckpointError: missing or malformed files, a method that is not installed, or
+        CheckpointError: missing or malformed files, a method that is not installed, an HF PEFT
+            adapter type or option peftcore does not read, a Hub id that cannot be resolved, or
             targets/tensors that do not fit the model (the first mismatches are named).
         AdapterStateError: the name is already taken on this model.
     """
     lifecycle._check_model(model)
-    directory = Path(path)
+    directory = resolve(path)
     sums = _checksums(directory)
-    config = _read_config(directory, sums)
+    config = _read_json(directory, sums)
+    tensors = None
+    if isinstance(config, dict) and "peft_type" in config:
+        from peftcore.formats import peft
+
+        config, tensors = peft.to_native(model, config, _read_tensors(directory, sums), str(directory))
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+    _check_native(config, directory / CONFIG_FILE)
     method = _method_for(config, directory / CONFIG_FILE)
     name = name if name is not None else config["name"]
     lifecycle._check_name(name)
@@ -256,7 +315,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         options = method.config_class(**config["options"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the options in {str(directory / CONFIG_FILE)!r} are not valid for {method.name}: {exc}") from exc
-    tensors = _read_tensors(directory, sums)
+    if tensors is None:
+        tensors = _read_tensors(directory, sums)
 
     targets, trainable = list(config["targets"]), list(config.get("trainable", []))
     modules = dict(targeting.iter_modules(model))
@@ -281,6 +341,58 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
             raise CheckpointError(f"{exc} (loading {str(directory)!r})") from exc
         _load_trainable(model, trainable, extra, directory)
     return model
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, to: str, overwrite: bool = False) -> Path:
+    """Rewrites the adapter directory ``src`` as ``dst`` in format ``to``, without a model.
+
+    LoRA and DoRA convert from their files alone (module paths are in the keys). IA3, prompt
+    and prefix tuning need the base model's geometry: load them with :func:`load` and write
+    them with ``save(model, dst, format=...)``.
+
+    Args:
+        src: an adapter directory in either format, or a Hub repository id.
+        dst: the directory to write; an existing one only with ``overwrite`` (and only if it is
+            empty or an adapter directory; it is replaced atomically).
+        to: ``"peft"`` or ``"peftcore"``.
+
+    Raises:
+        CheckpointError: ``dst`` exists and ``overwrite`` is false, ``to`` is unknown, the
+            source is malformed, or the target format cannot hold the adapter (the message says why).
+    """
+    if to not in FORMATS:
+        raise CheckpointError(f"unknown adapter format {to!r}; convert to one of {', '.join(FORMATS)}")
+    source = resolve(src)
+    target = Path(dst)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{str(target)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_destination(target)
+    sums = _checksums(source)
+    config = _read_json(source, sums)
+    tensors = _read_tensors(source, sums)
+    from peftcore.formats import peft
+
+    if isinstance(config, dict) and "peft_type" in config:
+        if config["peft_type"] not in ("LORA",) and to == "peftcore":
+            raise CheckpointError(
+                f"converting the HF PEFT {config['peft_type']} adapter in {str(source)!r} needs the base model (its "
+                "geometry decides the native layout): peftcore.load(model, SRC), then peftcore.save(model, DST, "
+                "format='peftcore')"
+            )
+        if to == "peftcore":
+            config, tensors = peft.to_native(None, config, tensors, str(source))
+            config = {"format": FORMAT, "format_version": FORMAT_VERSION, **config}
+    else:
+        _check_native(config, source / CONFIG_FILE)
+        if to == "peft":
+            if config["method"] in peft.methods() and config["method"] not in ("lora", "dora"):
+                raise CheckpointError(
+                    f"converting the {config['method']} adapter in {str(source)!r} to HF PEFT's format needs the base "
+                    "model: peftcore.load(model, SRC), then peftcore.save(model, DST, format='peft')"
+                )
+            config, tensors = peft.from_native(None, config, tensors)
+    _write(target, config, tensors, peft=to == "peft")
+    return target
 
 
 def _load_trainable(model: nn.Module, paths: list[str], tensors: dict[str, torch.Tensor], directory: Path) -> None:

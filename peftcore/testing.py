@@ -442,6 +442,7 @@ class _Kit:
             path = Path(tmp) / "adapter"
             peftcore.save(model, path)
             config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            config = config.get("peftcore", config)  # HF PEFT's format (the default for LoRA) keeps them there
             if config.get("method") != self.name:
                 raise _Failure(f"adapter_config.json records method {config.get('method')!r}, expected {self.name!r}")
             if config.get("provider") != self.report.provider:

@@ -35,8 +35,9 @@ def test_save_then_load_into_fresh_model_reproduces_outputs_exactly(tmp_path, fa
 
 
 def test_saved_files_hold_only_adapter_and_trainable_weights(tmp_path):
+    # The native format; the default (HF PEFT's for LoRA) is tested in tests/formats/test_peft_lora.py.
     model, _ = _trained("minilm", rank=4, trainable=["classifier"])
-    path = peftcore.save(model, tmp_path / "a")
+    path = peftcore.save(model, tmp_path / "a", format="peftcore")
     assert sorted(p.name for p in path.iterdir()) == ["SHA256SUMS", "adapter_config.json", "adapter_model.safetensors"]
     tensors = load_file(path / "adapter_model.safetensors")
     adapter_keys = {k for k in tensors if k.endswith((".lora_A", ".lora_B"))}
@@ -74,16 +75,20 @@ def test_save_needs_name_with_several_adapters(tmp_path):
     with pytest.raises(peftcore.AdapterStateError, match="pass name="):
         peftcore.save(model, tmp_path / "x")
     peftcore.save(model, tmp_path / "x", name="b")
-    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["name"] == "b"
+    assert list(peftcore.adapters(peftcore.load(FAMILIES["gpt2"][0](), tmp_path / "x"))) == ["b"]
+    peftcore.save(model, tmp_path / "y", name="b", format="peftcore")
+    assert json.loads((tmp_path / "y" / "adapter_config.json").read_text())["name"] == "b"
 
 
 def test_save_replaces_an_adapter_dir_but_never_other_files(tmp_path):
     model, _ = _trained("gpt2")
     peftcore.save(model, tmp_path / "a")
     peftcore.save(model, tmp_path / "a")  # replacing an adapter directory is fine
+    peftcore.save(model, tmp_path / "a", format="peftcore")  # in either format
+    peftcore.save(model, tmp_path / "a", format="peft")
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("keep me")
-    with pytest.raises(peftcore.CheckpointError, match="not a peftcore adapter directory"):
+    with pytest.raises(peftcore.CheckpointError, match="is not an adapter directory"):
         peftcore.save(model, tmp_path / "user")
     assert (tmp_path / "user" / "notes.txt").read_text() == "keep me"
     (tmp_path / "file").write_text("x")
@@ -116,7 +121,7 @@ def saved(tmp_path):
     """A saved adapter without its SHA256SUMS: these tests edit the files by hand, as a user who
     deleted the checksums would (the checksum tests are in tests/test_files.py)."""
     model, _ = _trained("minilm", rank=4, trainable=["classifier"])
-    path = peftcore.save(model, tmp_path / "adapter")
+    path = peftcore.save(model, tmp_path / "adapter", format="peftcore")
     (path / "SHA256SUMS").unlink()
     return path
 

@@ -66,7 +66,7 @@ def test_matches_hf_peft_dora_on_llama():
 
 def test_saved_adapter_records_the_plugin_and_loading_without_it_names_the_package(tmp_path, monkeypatch):
     model = peftcore.wrap(tiny_model("bert"), "dora", rank=2)
-    peftcore.save(model, tmp_path / "dora")
+    peftcore.save(model, tmp_path / "dora", format="peftcore")  # the default, HF PEFT's: tests/formats/test_peft_lora.py
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     assert config["method"] == "dora" and config["options"] == {"rank": 2, "alpha": 4.0, "dropout": 0.0}
     assert config["provider"] == {"distribution": DIST["Name"], "version": DIST["Version"]}
