@@ -211,6 +211,29 @@ def _run_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="rewrite an adapter directory in HF PEFT's or peftcore's format",
+        description="Rewrites the adapter SRC (a directory in either format, or a Hub repository id) as DST in the "
+        "format --to. LoRA and DoRA convert from their files alone; IA3, prompt and prefix tuning need the base "
+        "model (use peftcore.load and peftcore.save(..., format=...)). See docs/interop.md.",
+    )
+    p.add_argument("src", metavar="SRC", help="adapter directory or Hub repository id (org/name)")
+    p.add_argument("dst", metavar="DST", help="directory to write")
+    p.add_argument("--to", required=True, choices=("peft", "peftcore"), help="the format to write")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (an adapter directory or empty)")
+    p.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from peftcore.persistence import convert
+
+    out = convert(args.src, args.dst, args.to, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.to} format)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftcore import __version__
 
@@ -219,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     _add_finetune(sub)
     _add_compare(sub)
+    _add_convert(sub)
     sub.add_parser("methods", help="list the available adapter methods").set_defaults(handler=_run_methods)
     sub.add_parser("backends", help="list kernel backends and whether they are available").set_defaults(handler=_run_backends)
     return parser
