@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import models
 import peftcore
-from peftcore.errors import BackendUnavailableError, ConfigError
-from peftcore.ops import _extension, dispatch, lora_cpp
+from peftcore import plugin
+from peftcore.errors import BackendUnavailableError, ConfigError, PluginError
+from peftcore.ops import _extension, dispatch, lora, lora_cpp
 
 HAS_CPP = _extension.load()[0]
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
@@ -63,7 +66,7 @@ def test_cpp_and_reference_agree_on_a_training_step(family):
 
 
 @needs_cpp
-def test_env_var_switches_a_wrapped_model_to_reference(monkeypatch):
+def test_env_var_switches_a_wrapped_model_to_reference_after_refresh(monkeypatch):
     model = models.gpt2()
     peftcore.wrap(model, "lora", rank=4)
     _randomise_lora(model)
@@ -75,6 +78,10 @@ def test_env_var_switches_a_wrapped_model_to_reference(monkeypatch):
     assert calls, "auto on the CPU should run the C++ op"
     calls.clear()
     monkeypatch.setenv("PEFTCORE_BACKEND", "reference")
+    models.output_of(model, inputs)
+    assert calls, "layers keep the kernel they resolved until dispatch.refresh()"
+    calls.clear()
+    dispatch.refresh()
     ref_out = models.output_of(model, inputs)
     assert not calls
     torch.testing.assert_close(cpp_out, ref_out, rtol=1e-5, atol=1e-5)
@@ -131,3 +138,120 @@ def test_backends_command_prints_the_table():
     lines = [line for line in out.splitlines() if line.startswith("lora_linear")]
     assert any(" reference " in line and "available" in line for line in lines)
     assert any(" cpp " in line for line in lines)
+
+
+# -- kernels resolved once per layer --------------------------------------------------------------
+def test_wrapped_layers_do_not_dispatch_at_each_forward(monkeypatch):
+    """Layers resolve the kernel at wrap (and per new device type/dtype), not in every forward."""
+    calls = []
+    original = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda *a, **k: calls.append(a) or original(*a, **k))
+    for model in _lora_and_adapter_models():
+        calls.clear()
+        for _ in range(3):
+            model(torch.randn(4, 6))
+        assert calls == []
+        model.double()(torch.randn(4, 6, dtype=torch.float64))  # a new dtype: resolved once more
+        model(torch.randn(4, 6, dtype=torch.float64))
+        assert len(calls) == 1
+
+
+def _lora_and_adapter_models():
+    """Two small models: one with LoRA on its first layer, one with a bottleneck adapter on its last."""
+    models = []
+    for method, target, options in (("lora", "0", {"rank": 2}), ("adapter", "2", {"size": 2})):
+        model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+        peftcore.wrap(model, method, targets=[target], **options)
+        models.append(model)
+    return models
+
+
+# -- PEFTCORE_BACKEND for one op only -----------------------------------------------------------------
+class _LoraOnly:
+    """A backend that only lora_linear has (as a GPU-only or plugin backend may be)."""
+
+    op, backend, devices, priority, hint, peftcore_api = "lora_linear", "loraonly", ("cpu",), -5, "", 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def available(self):
+        return True, ""
+
+    def __call__(self, *args):
+        self.calls += 1
+        return lora.reference_lora_linear(*args)
+
+
+@pytest.fixture
+def lora_only():
+    kernel = peftcore.register_kernel(_LoraOnly())
+    yield kernel
+    peftcore.registry.KERNELS.unregister("lora_linear.loraonly")
+
+
+def test_plain_env_backend_of_one_op_leaves_the_adapter_method_working(monkeypatch, lora_only):
+    monkeypatch.setenv("PEFTCORE_BACKEND", "loraonly")
+    with pytest.warns(RuntimeWarning, match="PEFTCORE_BACKEND asks for 'loraonly', which bottleneck does not have"):
+        models = _lora_and_adapter_models()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        outputs = [model(torch.randn(4, 6)) for model in models]
+    assert [out.shape for out in outputs] == [(4, 3)] * 2 and lora_only.calls == 1
+
+
+def test_per_op_env_form_chooses_for_one_op(monkeypatch, lora_only):
+    monkeypatch.setenv("PEFTCORE_BACKEND", "lora_linear=loraonly")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for model in _lora_and_adapter_models():
+            model(torch.randn(4, 6))
+    assert lora_only.calls == 1
+
+
+# -- a kernel plugin that fails to import --------------------------------------------------------------
+BROKEN_KERNEL = """raise ImportError("libfastk.so.2: cannot open shared object file")
+"""
+
+
+@pytest.fixture
+def broken_kernel_plugin(tmp_path, monkeypatch):
+    """Distribution peftcore-fastk 0.3 declares lora_linear.fastk and bottleneck.fastk, whose module fails to import."""
+    site = tmp_path / "site-packages"
+    dist_info = site / "peftcore_fastk-0.3.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: peftcore-fastk\nVersion: 0.3\n")
+    (dist_info / "entry_points.txt").write_text(
+        "[peftcore.kernels]\nlora_linear.fastk = peftcore_fastk:LORA\nbottleneck.fastk = peftcore_fastk:BOTTLENECK\n")
+    (site / "peftcore_fastk.py").write_text(BROKEN_KERNEL)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("PEFTCORE_DISABLE_PLUGINS", raising=False)
+    plugin.refresh()
+    yield
+    sys.modules.pop("peftcore_fastk", None)
+    plugin.refresh()
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_backend_from_a_broken_plugin_names_its_distribution_at_wrap(broken_kernel_plugin, method):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the skipped entry's own warning
+        with pytest.raises(PluginError, match=r"'(lora_linear|bottleneck)\.fastk' from distribution peftcore-fastk 0\.3 "
+                                              r"failed to import.*libfastk") as info:
+            peftcore.wrap(model, method, targets=["0"], backend="fastk")
+    assert isinstance(info.value.__cause__, ImportError)
+    assert not any("lora" in name or "bottleneck" in name for name, _ in model.named_modules())
+
+
+def test_broken_plugin_backend_called_directly_raises_its_plugin_error(broken_kernel_plugin, monkeypatch):
+    args = torch.randn(3, 4), torch.randn(2, 4), None, torch.randn(1, 4), torch.randn(2, 1), 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(PluginError, match="distribution peftcore-fastk 0.3 failed to import"):
+            lora.lora_linear(*args, backend="fastk")
+        monkeypatch.setenv("PEFTCORE_BACKEND", "fastk")  # a broken plugin is not silently replaced by auto
+        dispatch.refresh()
+        with pytest.raises(PluginError, match="distribution peftcore-fastk 0.3 failed to import"):
+            lora.lora_linear(*args)
+

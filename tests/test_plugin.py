@@ -358,7 +358,9 @@ def test_kernel_plugin_through_entry_points(site, monkeypatch):
     import peftcore_counting
 
     assert peftcore_counting.CALLS == [torch.Size([3, 5])]
-    monkeypatch.setenv("PEFTCORE_DISABLE_PLUGINS", "1")  # callers' caches (dispatch) follow the switch
+    monkeypatch.setenv("PEFTCORE_DISABLE_PLUGINS", "1")
+    model(torch.randn(3, 5))  # a wrapped layer keeps the kernel it resolved ...
+    peftcore.ops.dispatch.refresh()  # ... until dispatch.refresh() (docs/kernels.md)
     with pytest.raises(BackendUnavailableError, match="no backend 'counting'"):
         model(torch.randn(3, 5))
 

@@ -136,6 +136,7 @@ def bottleneck(
     residual: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    cache: dispatch.KernelCache | None = None,
 ) -> torch.Tensor:
     """The bottleneck op on the chosen backend; arguments as in :func:`reference_bottleneck`.
 
@@ -144,14 +145,20 @@ def bottleneck(
 
     Args:
         backend: ``"auto"``/``None`` (best available, or ``PEFTCORE_BACKEND``), or a backend name.
+        cache: an adapter layer's kernels; the kernel is looked up there (resolved once per
+            backend, device type and dtype) instead of through :func:`dispatch.select`.
 
     Raises:
         ConfigError: shapes, dtypes or the activation do not fit (the message says which).
         BackendUnavailableError: a named backend cannot run here.
+        PluginError: ``backend`` comes from a kernel plugin that failed to import.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # as nn.Linear: compute in the region's dtype
         x, W_down, b_down, W_up, b_up, residual = autocast.cast(device_type, x, W_down, b_down, W_up, b_up, residual)
     check_args(x, W_down, b_down, W_up, b_up, activation, residual)
-    kernel = dispatch.select(OP, device_type, backend)
+    if cache is None:
+        kernel = dispatch.select(OP, device_type, backend)
+    else:
+        kernel = cache(backend, device_type, x.dtype)
     return kernel(x, W_down, b_down, W_up, b_up, float(scale), activation, residual)

@@ -101,6 +101,7 @@ def lora_linear(
     seed: int | torch.Tensor = 0,
     *,
     backend: str | None = None,
+    cache: dispatch.KernelCache | None = None,
 ) -> torch.Tensor:
     """LoRA linear on the chosen backend; arguments as in :func:`reference_lora_linear`.
 
@@ -114,17 +115,23 @@ def lora_linear(
 
     Args:
         backend: ``"auto"``/``None`` (best available, or ``PEFTCORE_BACKEND``), or a backend name.
+        cache: an adapter layer's kernels; the kernel is looked up there (resolved once per
+            backend, device type and dtype) instead of through :func:`dispatch.select`.
 
     Returns:
         Output of shape ``(*, N)``.
 
     Raises:
         BackendUnavailableError: ``backend`` names a backend that cannot run here (with the reason).
+        PluginError: ``backend`` comes from a kernel plugin that failed to import.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # as nn.Linear: compute in the region's dtype
         x, weight, bias, A, B = autocast.cast(device_type, x, weight, bias, A, B)
-    kernel = dispatch.select(OP, device_type, backend)
+    if cache is None:
+        kernel = dispatch.select(OP, device_type, backend)
+    else:
+        kernel = cache(backend, device_type, x.dtype)
     if isinstance(seed, torch.Tensor) and not getattr(kernel, "seed_tensor", False):
         seed = int(seed)
     lead = x.shape[:-1]

@@ -1,4 +1,5 @@
-"""Backend dispatch of lora_linear: auto, PEFTCORE_BACKEND, named backends, fallback warning."""
+"""Backend dispatch of lora_linear: auto, PEFTCORE_BACKEND (plain and per op), named backends,
+fallback warning, per-layer kernel caches."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import peftcore
-from peftcore.errors import BackendUnavailableError
-from peftcore.ops import _extension, dispatch, lora, lora_cpp
+from peftcore.errors import BackendUnavailableError, ConfigError
+from peftcore.ops import _extension, bottleneck, bottleneck_cpp, dispatch, lora, lora_cpp
 
 HAS_CPP = _extension.load()[0]
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
@@ -148,3 +149,99 @@ def test_int_and_tensor_seeds_give_the_same_mask():
     if HAS_CPP:
         c = lora.lora_linear(x, W, None, A, B, 1.0, 0.5, 77, backend="cpp")
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+# -- PEFTCORE_BACKEND: plain and per-op forms, read once until refresh() -----------------------------
+def _bottleneck_args():
+    return torch.randn(3, 4), torch.randn(2, 4), None, torch.randn(4, 2), None, 1.0
+
+
+@needs_cpp
+def test_env_var_per_op_form(monkeypatch):
+    monkeypatch.setenv("PEFTCORE_BACKEND", "lora_linear=reference, bottleneck=cpp")
+    assert dispatch.select("lora_linear", "cpu") is lora.REFERENCE
+    assert dispatch.select("bottleneck", "cpu") is bottleneck_cpp.CPP
+
+
+@needs_cpp
+def test_env_var_per_op_entry_wins_over_the_plain_one(monkeypatch):
+    monkeypatch.setenv("PEFTCORE_BACKEND", "reference,bottleneck=cpp")
+    assert dispatch.select("lora_linear", "cpu") is lora.REFERENCE
+    assert dispatch.select("bottleneck", "cpu") is bottleneck_cpp.CPP
+    assert dispatch.select("bottleneck", "cpu", "reference") is bottleneck.REFERENCE  # named in code wins
+
+
+def test_plain_env_backend_that_an_op_lacks_falls_back_to_auto_with_one_warning(monkeypatch):
+    probe = _Probe("probe", -5, ok=True)  # a lora_linear backend only; auto would not pick it
+    peftcore.register_kernel(probe)
+    monkeypatch.setenv("PEFTCORE_BACKEND", "probe")
+    lora.lora_linear(*_args())
+    assert probe.calls == 1
+    with pytest.warns(RuntimeWarning, match="PEFTCORE_BACKEND asks for 'probe', which bottleneck does not have "
+                                            r"\(its backends: .*reference.*\), so bottleneck runs on 'auto'"):
+        y = bottleneck.bottleneck(*_bottleneck_args())
+    assert y.shape == (3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bottleneck.bottleneck(*_bottleneck_args())
+
+
+def test_per_op_env_backend_that_the_op_lacks_is_an_error(monkeypatch):
+    monkeypatch.setenv("PEFTCORE_BACKEND", "bottleneck=probe")
+    with pytest.raises(BackendUnavailableError, match="no backend 'probe' for bottleneck; known: .*reference"):
+        bottleneck.bottleneck(*_bottleneck_args())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("lora=cpp", r"no op named 'lora'; the ops are bottleneck, lora_linear"),
+    ("lora_linear=", r"cannot read 'lora_linear='"),
+    ("cpp,reference", r"the backend for every op is given twice"),
+    ("lora_linear=cpp,lora_linear=reference", r"'lora_linear' is given twice"),
+])
+def test_malformed_env_var_is_a_config_error(monkeypatch, value, message):
+    monkeypatch.setenv("PEFTCORE_BACKEND", value)
+    with pytest.raises(ConfigError, match=rf"PEFTCORE_BACKEND='{value}': {message}\. Write one backend"):
+        dispatch.select("lora_linear", "cpu")
+
+
+def test_env_var_is_read_once_until_refresh(monkeypatch):
+    before = dispatch.select("lora_linear", "cpu")  # reads PEFTCORE_BACKEND: unset, so auto
+    peftcore.register_kernel(_Probe("probe", -5, ok=True))  # auto would not pick it
+    monkeypatch.setenv("PEFTCORE_BACKEND", "probe")
+    assert dispatch.select("lora_linear", "cpu") is before  # not read again
+    dispatch.refresh()
+    assert dispatch.select("lora_linear", "cpu").backend == "probe"
+
+
+# -- per-layer kernel caches ----------------------------------------------------------------------------
+def test_kernel_cache_resolves_once_per_backend_device_and_dtype(monkeypatch):
+    cache = dispatch.KernelCache("lora_linear")
+    calls = []
+    original = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda *a: calls.append(a) or original(*a))
+    for _ in range(3):
+        assert cache("reference", "cpu", torch.float32) is lora.REFERENCE
+        cache("reference", "cpu", torch.float64)
+    assert calls == [("lora_linear", "cpu", "reference")] * 2
+
+
+def test_kernel_cache_follows_refresh_and_registrations():
+    cache = dispatch.KernelCache("lora_linear")
+    first = cache("auto", "cpu", torch.float32)
+    probe = _Probe("probe", 99, ok=True)
+    peftcore.register_kernel(probe)  # the registry changes: resolved again
+    assert cache("auto", "cpu", torch.float32) is probe
+    peftcore.registry.KERNELS.unregister("lora_linear.probe")
+    assert cache("auto", "cpu", torch.float32) is first
+
+
+def test_kernel_cache_copies_start_empty():
+    import copy
+    import pickle
+
+    cache = dispatch.KernelCache("lora_linear")
+    cache("reference", "cpu", torch.float32)
+    for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert clone.op == "lora_linear" and clone._kernels == {}
+        assert clone("reference", "cpu", torch.float32) is lora.REFERENCE
+

@@ -11,6 +11,7 @@ from torch import nn
 
 import peftcore
 from models import FAMILIES, llama, minilm, output_of, token_inputs
+from peftcore.errors import ConfigError
 from peftcore.tuners.adapter import AdapterConfig
 from peftcore.tuners.adapter.layers import BottleneckLayer
 
@@ -183,11 +184,13 @@ def test_backend_option_gives_the_same_outputs(backend):
     torch.testing.assert_close(got, output_of(model, inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_backend_fails_at_forward_with_a_clear_error():
+def test_unknown_backend_is_rejected_at_wrap_with_a_clear_error():
     model, inputs = _family("gpt2")
-    peftcore.wrap(model, "adapter", size=4, backend="nope")
-    with pytest.raises(peftcore.BackendUnavailableError, match="no backend 'nope' for bottleneck"):
-        output_of(model, inputs)
+    before = output_of(model, inputs)
+    with pytest.raises(ConfigError, match="adapter backend 'nope' does not exist; choose 'auto' or one of .*reference"):
+        peftcore.wrap(model, "adapter", size=4, backend="nope")
+    assert not any("bottleneck" in name for name, _ in model.named_modules())
+    torch.testing.assert_close(output_of(model, inputs), before, rtol=0, atol=0)
 
 
 # -- lifecycle --------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftcore.errors import AdapterStateError
-from peftcore.ops.bottleneck import bottleneck
+from peftcore.errors import AdapterStateError, PeftcoreError
+from peftcore.ops import dispatch
+from peftcore.ops.bottleneck import OP, bottleneck
 from peftcore.tuners.adapter.config import AdapterConfig
 from peftcore.tuners.base import AdapterLayer
 
@@ -75,6 +76,9 @@ class BottleneckLayer(AdapterLayer):
         # [module whose input is read, id of the pre-hook on it]; a list so that nn.Module does not
         # register the module as a child of this layer.
         self._input_hook: list[Any] = []
+        # The op's kernel per (backend, device type, dtype), resolved once rather than at every
+        # forward (dispatch.select reads PEFTCORE_BACKEND and the registry); see docs/kernels.md.
+        self._kernels = dispatch.KernelCache(OP)
 
     # -- adapters ---------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -85,11 +89,16 @@ class BottleneckLayer(AdapterLayer):
         reads both from the model: see :mod:`peftcore.tuners.adapter.families`)."""
         if name in self.bottleneck:
             raise AdapterStateError(f"{self.path or 'this layer'} already holds an adapter named {name!r}")
+        dispatch.check_backend(OP, config.backend, "adapter backend")
         reference = next(self.base_layer.parameters(), None)
         dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.get_default_dtype()
         device = reference.device if reference is not None else torch.device("cpu")
         self.bottleneck[name] = Bottleneck(in_features, config.size, out_features, dtype, device)
         self.adapter_config[name] = config
+        try:  # resolved now, so that torch.compile finds it in the cache (see LoraLinear.add_adapter)
+            self._kernels(config.backend, device.type, dtype)
+        except PeftcoreError:
+            pass  # a backend that cannot run here (yet) is reported at forward
 
     def remove_adapter(self, name: str) -> None:
         del self.bottleneck[name]
@@ -157,17 +166,16 @@ class BottleneckLayer(AdapterLayer):
                 f"the adapter at {self.path!r} needs its module to return a tensor (or a tuple starting with one), "
                 f"got {type(output).__name__}; target another module"
             )
-        # One dtype for the op: autocast's where it is on (the base layer's output then has it
-        # while the adapter's weights stay float32), else the output's.
-        device = y.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else y.dtype
-        y = y.to(dtype)
-        if x_parallel is not None:
+        # One dtype for the op: the output's (under autocast the op casts everything to the
+        # autocast dtype itself, as nn.Linear does).
+        dtype = y.dtype
+        if x_parallel is not None and x_parallel.dtype != dtype:
             x_parallel = x_parallel.to(dtype)
         result = None
         for name in running:
             cfg, block = self.adapter_config[name], self.bottleneck[name]
-            W_down, b_down, W_up, b_up = (p.to(dtype) for p in (block.down.weight, block.down.bias, block.up.weight, block.up.bias))
+            W_down, b_down, W_up, b_up = (p if p.dtype == dtype else p.to(dtype)
+                                          for p in (block.down.weight, block.down.bias, block.up.weight, block.up.bias))
             if cfg.parallel:
                 if x_parallel is None:
                     raise AdapterStateError(
@@ -179,7 +187,8 @@ class BottleneckLayer(AdapterLayer):
             else:
                 x = y
             residual = None if (result is None and x is y) else (y if result is None else result)
-            result = bottleneck(x, W_down, b_down, W_up, b_up, cfg.scale, cfg.activation, residual, backend=cfg.backend)
+            result = bottleneck(x, W_down, b_down, W_up, b_up, cfg.scale, cfg.activation, residual,
+                                backend=cfg.backend, cache=self._kernels)
         if isinstance(output, tuple):
             return (result, *output[1:])
         if isinstance(output, list):

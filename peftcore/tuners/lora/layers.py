@@ -224,19 +224,21 @@ class LoraLinear(LoraLayer):
     def _weight_for_op(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        # The op's kernel per (backend, device type, dtype), resolved once rather than at every
+        # forward (dispatch.select reads PEFTCORE_BACKEND and the registry); see docs/kernels.md.
+        self._kernels = dispatch.KernelCache(OP)
+
     def add_adapter(self, name: str, config: Any) -> None:
-        known = dispatch.known_backends(OP)
-        if config.backend != dispatch.AUTO and config.backend not in known:
-            raise ConfigError(
-                f"lora backend {config.backend!r} does not exist; choose 'auto' or one of {', '.join(known)} "
-                "(peftcore.backends() shows which can run here)"
-            )
+        dispatch.check_backend(OP, config.backend, "lora backend")
         super().add_adapter(name, config)
-        # Resolve the kernel now (eagerly) so torch.compile finds it in dispatch's cache rather
+        # Resolve the kernel now (eagerly) so torch.compile finds it in the layer's cache rather
         # than tracing the plugin registry (which would break the graph). A backend that cannot
         # run on this device yet (the model may move to a GPU later) is reported at forward.
+        weight = self.base_layer.weight
         try:
-            dispatch.select(OP, self.base_layer.weight.device.type, config.backend)
+            self._kernels(config.backend, weight.device.type, weight.dtype)
         except PeftcoreError:
             pass
 
@@ -252,7 +254,7 @@ class LoraLinear(LoraLayer):
         # the mask in backward. x goes in as is: layers sharing an input (q, k, v) save it once.
         y = lora_linear(
             x, self._weight_for_op(), self.base_layer.bias, self.lora_A[first], self.lora_B[first],
-            cfg.scale, p, new_seed_tensor() if p > 0.0 else 0, backend=cfg.backend,
+            cfg.scale, p, new_seed_tensor() if p > 0.0 else 0, backend=cfg.backend, cache=self._kernels,
         )
         for name in rest:
             cfg = self.lora_config[name]
