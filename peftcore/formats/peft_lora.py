@@ -191,7 +191,8 @@ def to_native(model: nn.Module | None, peft_config: dict[str, Any], tensors: dic
     _check_base_copies(model, base_copies, source)
     if not per_path:
         raise _fail(source, "holds no lora_A/lora_B tensors")
-    paths = list(per_path)
+    # The model's module order where there is a model, else layer numbers in numeric order.
+    paths = sorted(per_path, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in p.split(".")])
     if model is not None:
         order = {p: i for i, (p, _) in enumerate(targeting.iter_modules(model))}
         paths.sort(key=lambda p: order.get(p, len(order)))
@@ -233,8 +234,18 @@ def to_native(model: nn.Module | None, peft_config: dict[str, Any], tensors: dic
     for key in ("provider", "peftcore_version", "torch_version", "dtype"):
         if key in extra_config:
             result[key] = extra_config[key]
-    result["base_model"] = extra_config.get("base_model") or {"class": None, "name_or_path": config.get("base_model_name_or_path") or ""}
+    result["base_model"] = extra_config.get("base_model") or {
+        "class": _auto_mapping_class(config.get("auto_mapping")), "name_or_path": config.get("base_model_name_or_path") or "",
+    }
     return result, native
+
+
+def _auto_mapping_class(auto_mapping: Any) -> str:
+    """The base model's class as PEFT records it (``auto_mapping``), for messages."""
+    if isinstance(auto_mapping, dict) and auto_mapping.get("base_model_class"):
+        library = auto_mapping.get("parent_library")
+        return f"{library}.{auto_mapping['base_model_class']}" if library else str(auto_mapping["base_model_class"])
+    return "an unrecorded class (HF PEFT adapter)"
 
 
 def _lora_options(config: dict[str, Any], per_path: dict[str, dict[str, torch.Tensor]], paths: list[str],

@@ -288,4 +288,5 @@ def test_a_changed_base_embedding_copy_is_refused(tmp_path):
 
 def test_peft_directory_for_another_architecture_is_refused(tmp_path):
     _, directory, _ = peft_saved("llama", tmp_path / "peft", target_modules=["q_proj"], r=4)
-    _expect_refusal(gpt2(), directory, "targets modules this GPT2LMHeadModel lacks: model.layers.0.self_attn.q_proj")
+    _expect_refusal(gpt2(), directory, "targets modules this GPT2LMHeadModel lacks: model.layers.0.self_attn.q_proj, "
+                    "model.layers.1.self_attn.q_proj \\(saved from transformers.models.llama.modeling_llama.LlamaForCausalLM\\)")
