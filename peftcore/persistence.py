@@ -48,7 +48,7 @@ def _pick_adapter(state: lifecycle.PeftState, name: str | None) -> str:
 
 
 def _model_class(model: nn.Module) -> str:
-    cls = type(model)
+    cls = _unsharded_class(type(model))
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -114,7 +114,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, for
     clash = sorted(set(adapter_tensors) & set(extra))
     if clash:
         raise CheckpointError(f"adapter and trainable= module tensors share the key {clash[0]!r}")
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in {**adapter_tensors, **extra}.items()}
+    tensors = {k: _full(t).detach().to("cpu").contiguous().clone() for k, t in {**adapter_tensors, **extra}.items()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in adapter_tensors.values()})
     config = {
         "format": FORMAT,
@@ -135,9 +135,11 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, for
         "dtype": dtypes,
         "target_kinds": _target_kinds(model, record.targets),
     }
-    if format != "peftcore":
-        from peftcore.formats import peft
+    from peftcore.formats import peft
 
+    if not _writes_here():
+        return target
+    if format == "peft" or (format is None and record.method in peft.DEFAULT_PEFT_METHODS):
         try:
             _write(target, *peft.from_native(model, config, tensors), peft=True)
             return target
@@ -292,6 +294,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         AdapterStateError: the name is already taken on this model.
     """
     lifecycle._check_model(model)
+    _check_not_sharded(model, path)
     directory = resolve(path)
     sums = _checksums(directory)
     config = _read_json(directory, sums)
@@ -406,3 +409,38 @@ def _load_trainable(model: nn.Module, paths: list[str], tensors: dict[str, torch
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
+
+
+# -- several processes (torch.distributed; see docs/distributed.md) -------------------------------
+# save: an FSDP2-sharded tensor (DTensor) is gathered whole, which is a collective: every rank
+# calls save. Under a process group of several ranks only global rank 0 writes (DDP ranks hold
+# the same adapter; several writers would race for one directory); the others return the path.
+# load: onto the model before fully_shard; a sharded model is refused with that order.
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "full_tensor")
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _writes_here() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _unsharded_class(cls: type) -> type:
+    # fully_shard swaps a module's class for a subclass FSDP<Name>(FSDPModule, <Name>)
+    if cls.__name__.startswith("FSDP") and any(b.__name__ == "FSDPModule" for b in cls.__mro__):
+        return next((b for b in cls.__bases__ if b.__name__ != "FSDPModule"), cls)
+    return cls
+
+
+def _check_not_sharded(model: nn.Module, path: Any) -> None:
+    if any(_is_dtensor(p) for p in model.parameters()):
+        raise CheckpointError(
+            f"cannot load {str(path)!r} onto a model whose parameters are sharded (fully_shard / DTensor): load the "
+            "adapter onto the model first, on every rank, then shard it (peftcore.load(model, path); fully_shard(...))"
+        )

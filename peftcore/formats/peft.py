@@ -40,6 +40,12 @@ _METHODS = {"lora": CONVERTERS[0], "dora": CONVERTERS[0], "ia3": CONVERTERS[1], 
             "prefix": CONVERTERS[2]}
 
 
+#: Methods whose adapters PEFT's format holds without loss (with the extra ``"peftcore"`` key):
+#: ``peftcore.save`` writes these in PEFT's format by default. IA3, prompt and prefix tuning
+#: convert, but some of their options do not survive the trip (docs/interop.md).
+DEFAULT_PEFT_METHODS = ("lora", "dora")
+
+
 def is_peft_config(config: Any) -> bool:
     """Whether a parsed ``adapter_config.json`` is HF PEFT's (it names a ``peft_type``)."""
     return isinstance(config, dict) and "peft_type" in config

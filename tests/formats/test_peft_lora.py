@@ -290,3 +290,12 @@ def test_peft_directory_for_another_architecture_is_refused(tmp_path):
     _, directory, _ = peft_saved("llama", tmp_path / "peft", target_modules=["q_proj"], r=4)
     _expect_refusal(gpt2(), directory, "targets modules this GPT2LMHeadModel lacks: model.layers.0.self_attn.q_proj, "
                     "model.layers.1.self_attn.q_proj \\(saved from transformers.models.llama.modeling_llama.LlamaForCausalLM\\)")
+
+
+def test_methods_peft_holds_with_loss_stay_native_by_default(tmp_path):
+    """Prompt tuning converts to PEFT's format (format="peft"), but not every option survives: native by default."""
+    model = peftcore.wrap(gpt2(), "prompt", virtual_tokens=2)
+    directory = peftcore.save(model, tmp_path / "prompt")
+    assert json.loads((directory / "adapter_config.json").read_text())["method"] == "prompt"
+    directory = peftcore.save(model, tmp_path / "prompt-peft", format="peft")
+    assert json.loads((directory / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
