@@ -400,7 +400,7 @@ def test_conformance_kit(family):
     from peftcore.testing import check_method, tiny_model
 
     report = check_method("prefix", lambda: tiny_model(family), virtual_tokens=4)
-    assert set(report.passed) == {"disable", "save_load", "merge", "gradients", "unwrap", "dtype"}
+    assert set(report.passed) == {"training_mode", "disable", "save_load", "merge", "gradients", "unwrap", "dtype"}
     assert "identity_at_init" in report.skipped  # a prefix changes outputs from the start
 
 
@@ -410,4 +410,4 @@ def test_conformance_kit_with_projection():
     # save_load compares parameter names, but a loaded projected prefix holds the materialised keys and
     # values instead of the MLP by design; test_save_load_reproduces_outputs_... checks its outputs
     report = check_method("prefix", lambda: tiny_model("llama"), virtual_tokens=4, projection=8, skip=["save_load"])
-    assert set(report.passed) == {"disable", "merge", "gradients", "unwrap", "dtype"}
+    assert set(report.passed) == {"training_mode", "disable", "merge", "gradients", "unwrap", "dtype"}

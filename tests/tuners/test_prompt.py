@@ -275,5 +275,5 @@ def test_conformance_kit(family):
     from peftcore.testing import check_method, tiny_model
 
     report = check_method("prompt", lambda: tiny_model(family), virtual_tokens=4)
-    assert set(report.passed) == {"disable", "save_load", "merge", "gradients", "unwrap", "dtype"}
+    assert set(report.passed) == {"training_mode", "disable", "save_load", "merge", "gradients", "unwrap", "dtype"}
     assert "identity_at_init" in report.skipped
