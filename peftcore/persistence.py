@@ -247,7 +247,11 @@ def _read_tensors(directory: Path, sums: dict[str, str] | None) -> dict[str, tor
     try:
         return load_tensors(files.read_verified(directory, WEIGHTS_FILE, sums))
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{str(directory)!r} has no {WEIGHTS_FILE}") from exc
+        pickled = ""
+        if (directory / "adapter_model.bin").exists():
+            pickled = (" (only adapter_model.bin, a pickle, which peftcore does not read: re-save it with PEFT's "
+                       "save_pretrained(..., safe_serialization=True))")
+        raise CheckpointError(f"{str(directory)!r} has no {WEIGHTS_FILE}{pickled}") from exc
     except (SafetensorError, OSError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise

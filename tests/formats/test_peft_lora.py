@@ -299,3 +299,9 @@ def test_methods_peft_holds_with_loss_stay_native_by_default(tmp_path):
     assert json.loads((directory / "adapter_config.json").read_text())["method"] == "prompt"
     directory = peftcore.save(model, tmp_path / "prompt-peft", format="peft")
     assert json.loads((directory / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+
+
+def test_a_pickled_peft_adapter_is_named(tmp_path):
+    base, directory, _ = peft_saved("llama", tmp_path / "peft", target_modules=["q_proj"], r=2)
+    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
+    _expect_refusal(base, directory, "only adapter_model.bin, a pickle, which peftcore does not read")
