@@ -163,6 +163,7 @@ WRITE_CASES = {
                                                    dropout=0.1, backend="reference", init="gaussian")),
     "conv2d": ("conv", "lora", dict(rank=2, targets=["conv1", "conv2", "head"])),
     "llama-dora": ("llama", "dora", dict(rank=4, alpha=8, targets=["q_proj", "v_proj"])),
+    "minilm-classifier": ("minilm", "lora", dict(rank=4, targets=["query", "value"], trainable=["classifier"])),
 }
 
 
