@@ -111,6 +111,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="run directory; default: runs/finetune-<time>")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    g = p.add_argument_group("processes")
+    g.add_argument("--nproc", type=int, default=1,
+                   help="processes (ranks) on this machine, started through torch's launcher; --batch-size is the global "
+                   "batch; rank 0 prints and writes (several machines: torchrun ... -m peftcore finetune, docs/distributed.md)")
     p.set_defaults(handler=_run_finetune)
 
 
@@ -151,6 +155,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
     require_finetune_extra("finetune")
     from peftcore.train.finetune import run
 
+    if args.nproc != 1:
+        from peftcore.train.distributed import launch_finetune
+
+        return launch_finetune(_config(args), args.nproc)
     run(_config(args))
     return 0
 

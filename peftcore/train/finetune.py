@@ -26,6 +26,7 @@ import torch
 import peftcore
 from peftcore.errors import ConfigError, DataError, PeftcoreError
 from peftcore.train import data as data_mod
+from peftcore.train import distributed
 from peftcore.train import memory
 from peftcore.train.config import STOP_METRICS, FinetuneConfig
 from peftcore.train.early_stopping import EarlyStopping
@@ -33,7 +34,7 @@ from peftcore.train.loop import evaluate, train_epoch
 from peftcore.train.optim import build_optimizer, build_scheduler
 from peftcore.train.plots import plot_curves
 from peftcore.train.progressive import ProgressiveUnfreezer
-from peftcore.train.regularizers import EWC, L1Penalty, combine
+from peftcore.train.regularizers import EWC, L1Penalty, classification_loss, combine
 from peftcore.train.strategies import Plan, apply_strategy, strategies
 from peftcore.train.weights import WEIGHTS_FILE, save_weights
 
@@ -194,8 +195,24 @@ def run(config: FinetuneConfig, log: Callable[[str], None] = print) -> FinetuneR
             once training has finished, so a failed run leaves nothing behind.
     """
     config.validate()
-    with _threads(config.threads):
+    # Under torch's launcher (peftcore finetune --nproc N, or torchrun -m peftcore ...): one process
+    # per rank, DDP over them; rank 0 alone logs and writes (see peftcore.train.distributed).
+    with _threads(config.threads), distributed.process_group() as (rank, size):
+        distributed.check_config(config, size)
+        if rank != 0:
+            log, config = (lambda line: None), dataclasses.replace(config, progress=False)
         return _run(config, log)
+
+
+def _distribute(model: torch.nn.Module, seed: int):
+    """The model to train and its loss: DDP and this rank's rows of each batch on several ranks."""
+    if distributed.world()[1] == 1:
+        return model, classification_loss
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights
+    distributed.seed_rank(seed)  # each rank its own dropout masks, reproducible per world size
+    return ddp, distributed.ShardedLoss(classification_loss)
 
 
 def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
@@ -224,6 +241,7 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%){staged}")
     if config.gradient_checkpointing:
         enable_checkpointing(model)
+    train_model, loss_fn = _distribute(model, config.seed)
 
     before, before_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (before)")
     log(f"validation accuracy before fine-tuning: {before.accuracy:.4f}")
@@ -257,7 +275,7 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
             if unfreezer is not None:
                 unfreezer.step()
 
-        stats = train_epoch(model, batches, optimizer, scheduler=scheduler, max_grad_norm=config.max_grad_norm or None,
+        stats = train_epoch(train_model, batches, optimizer, scheduler=scheduler, loss_fn=loss_fn, max_grad_norm=config.max_grad_norm or None,
                             accumulation=config.grad_accum, penalty=combine(penalties), bf16=config.bf16,
                             progress=config.progress, desc=f"epoch {epoch}/{config.epochs}", on_step=on_step)
         step_times += stats.step_times
@@ -282,6 +300,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         after, after_loss = report, val_loss  # the weights are those the last epoch's evaluation saw
     else:
         after, after_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (after)")
+    if not distributed.is_main_process():
+        return FinetuneResult(run_dir, before.accuracy, after.accuracy, after.macro_f1, trainable, total, history, time.perf_counter() - start)
     run_dir = prepare_run_dir(run_dir, config.overwrite)
     saved = _save(model, plan, run_dir)
     seconds = time.perf_counter() - start
@@ -307,6 +327,7 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         "step_losses": step_losses,
         "saved": saved,
         "seconds": seconds,
+        "world_size": distributed.world()[1],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     resolved = dataclasses.asdict(config) | {"strategy": plan.strategy, "lr": strategy.base_lr, "model": model_dir, "labels": labels,
