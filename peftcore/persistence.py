@@ -220,6 +220,9 @@ def _read_json(directory: Path, sums: dict[str, str] | None) -> Any:
 
 
 def _check_native(config: Any, file: Path) -> None:
+    if isinstance(config, dict) and "peft_type" in config:
+        raise CheckpointError(f"{str(file)!r} is HF PEFT's adapter config, not peftcore's; peftcore.load reads it, "
+                              "and peftcore convert --to peftcore rewrites it")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(file)!r} is neither a peftcore adapter config (format {FORMAT!r}) nor HF PEFT's (a peft_type)"

@@ -341,10 +341,13 @@ def cannot_hold(native_config: dict[str, Any]) -> str | None:
         known = set(_PEFT_HELD) | {"init", "backend"}
         defaults = _defaults(LoraConfig)
     elif method == "dora":
-        from peftcore_dora.config import DoraConfig
-
         known = {"rank", "alpha", "dropout"}
-        defaults = _defaults(DoraConfig)
+        try:
+            from peftcore_dora.config import DoraConfig
+        except ImportError:  # converting a file without the plugin: only the options known here pass
+            defaults = {}
+        else:
+            defaults = _defaults(DoraConfig)
     else:
         return f"method {method!r} is not LoRA or DoRA"
     # An option this module does not know may change what the adapter computes: only its default is safe.
