@@ -330,6 +330,12 @@ class Registry:
         registrations, :func:`prefer`, :meth:`refresh`, and ``PEFTCORE_DISABLE_PLUGINS``."""
         return 2 * self._generation + int(plugins_disabled())
 
+    @property
+    def changes(self) -> int:
+        """Counts registrations, :func:`prefer` and :meth:`refresh` calls; unlike :attr:`generation`
+        it reads no environment variable, so per-call caches can compare it cheaply."""
+        return self._generation
+
     def _candidates(self) -> dict[str, list[Entry]]:
         """Name -> providers, honouring ``PEFTCORE_DISABLE_PLUGINS`` as it is now."""
         with self._lock:

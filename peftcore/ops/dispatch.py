@@ -285,10 +285,10 @@ class KernelCache:
     def __call__(self, backend: str | None, device_type: str, dtype: Any) -> Any:
         """The kernel for ``backend`` (a name, ``"auto"`` or ``None``) on tensors of ``device_type``
         and ``dtype``; raises as :func:`select` does."""
-        # The registry's own change counter, not its ``generation`` property: that one also reads
-        # PEFTCORE_DISABLE_PLUGINS from the environment at every call, which this per-forward path
-        # must not do; layers follow that switch at refresh() instead.
-        generation = registry.KERNELS._generation
+        # ``changes``, not ``generation``: that one also reads PEFTCORE_DISABLE_PLUGINS from the
+        # environment at every call, which this per-forward path must not do; layers follow that
+        # switch at refresh() instead.
+        generation = registry.KERNELS.changes
         if self._refreshes != _refreshes or self._generation != generation:
             self._kernels.clear()
             self._refreshes, self._generation = _refreshes, generation
