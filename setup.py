@@ -92,6 +92,7 @@ TEST = FINETUNE + [
     "hypothesis>=6.100",
     "triton>=3.0; platform_system == 'Linux'",
     "peft>=0.13",  # the HF PEFT cross-checks (same init, same outputs) and the benchmarks
+    "accelerate>=1.0",  # tests/distributed: accelerate launch, and transformers' Trainer needs it
 ]
 
 setup(
