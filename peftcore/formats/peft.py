@@ -6,13 +6,13 @@ Conversion is dispatched by PEFT's ``peft_type`` (reading) or peftcore's method 
 to one converter module per method family, each exposing ``PEFT_TYPES``, ``METHODS``,
 ``to_native(model, peft_config, tensors, source)`` and ``from_native(model, native_config, tensors)``:
 
-=====================================  ==========================  ==============================
-module                                 PEFT types                  peftcore methods
-=====================================  ==========================  ==============================
-:mod:`peftcore.formats.peft_lora`      LORA (``use_dora``: DoRA)   lora, dora (plugin)
-:mod:`peftcore.formats.peft_ia3`       IA3                         ia3 (plugin)
-:mod:`peftcore.formats.peft_prompt`    PROMPT_TUNING, PREFIX_TUNING prompt, prefix
-=====================================  ==========================  ==============================
+=====================================  ============================  ====================
+module                                 PEFT types                    peftcore methods
+=====================================  ============================  ====================
+:mod:`peftcore.formats.peft_lora`      LORA (``use_dora``: DoRA)     lora, dora (plugin)
+:mod:`peftcore.formats.peft_ia3`       IA3                           ia3 (plugin)
+:mod:`peftcore.formats.peft_prompt`    PROMPT_TUNING, PREFIX_TUNING  prompt, prefix
+=====================================  ============================  ====================
 
 The native config dict returned by :func:`to_native` has at least ``method``, ``name``,
 ``options`` (keyword arguments of the method's ``config_class``), ``targets`` (module paths),
