@@ -2,14 +2,14 @@
 
 peftcore's LoRA factors have PEFT's shapes, so conversion renames keys:
 
-==============================================================  ===============================
+==============================================================  ======================================
 PEFT (``adapter_model.safetensors``)                            peftcore
-==============================================================  ===============================
+==============================================================  ======================================
 ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight``   ``<path>.lora_A`` / ``lora_B``
 ``base_model.model.<path>.lora_embedding_A`` / ``_B``           ``<path>.lora_A`` / ``lora_B``
 ``base_model.model.<path>.lora_magnitude_vector`` (DoRA)        ``<path>.lora_magnitude_vector``
 ``base_model.model.<key>`` of a ``modules_to_save`` module      ``<key>`` of a ``trainable=`` module
-==============================================================  ===============================
+==============================================================  ======================================
 
 Reading needs no model: the targets are the paths in the keys, each target's rank is its
 factors' shape (checked against ``r`` and ``rank_pattern``), and ``target_modules``,
@@ -68,7 +68,10 @@ def _fail(source: str, message: str) -> CheckpointError:
     return CheckpointError(f"the HF PEFT LoRA adapter in {source!r}: {message}")
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+_Tensors = dict[str, torch.Tensor]
+
+
+def _split_keys(tensors: _Tensors, source: str) -> tuple[dict[str, _Tensors], dict[str, str], _Tensors, _Tensors]:
     """``{path: {tensor name: tensor}}``, the kinds the keys imply, the base-layer copies
     (``<path>.base_layer.<name>``, by native key) and the other tensors (modules_to_save)."""
     per_path: dict[str, dict[str, torch.Tensor]] = {}
@@ -108,13 +111,16 @@ def _check_base_copies(model: nn.Module | None, copies: dict[str, torch.Tensor],
     for key, tensor in copies.items():
         mine = own.get(key)
         if mine is None or mine.shape != tensor.shape or not torch.equal(mine.detach().cpu().to(tensor.dtype), tensor):
-            what = "lacks it" if mine is None else f"has {tuple(mine.shape)}" if mine.shape != tensor.shape else "holds other values"
+            if mine is None:
+                what = "lacks it"
+            else:
+                what = f"has {tuple(mine.shape)}" if mine.shape != tensor.shape else "holds other values"
             raise _fail(source, f"holds a full copy of the base weight {key!r} (PEFT's save_embedding_layers), and this "
                                 f"{type(model).__name__} {what}; peftcore adapts an unchanged base model, so load the "
                                 "adapter onto the base it was trained on (with its resized vocabulary, if any)")
 
 
-def _trainable(peft_config: dict[str, Any], others: dict[str, torch.Tensor], source: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _trainable(peft_config: dict[str, Any], others: _Tensors, source: str) -> tuple[list[str], _Tensors]:
     """``modules_to_save`` weights as ``trainable=`` module paths and their ordinary state-dict keys.
 
     The module of a key is the shortest leading part of it that PEFT's rule
@@ -420,8 +426,8 @@ def from_native(model: nn.Module | None, native_config: dict[str, Any],
     rank = options.get("rank", 8)
     alpha = options.get("alpha")
     alpha = float(2 * rank) if alpha is None else alpha
-    extra = {k: native_config[k] for k in ("method", "name", "provider", "peftcore_version", "torch_version", "base_model", "dtype")
-             if k in native_config}
+    recorded = ("method", "name", "provider", "peftcore_version", "torch_version", "base_model", "dtype")
+    extra = {k: native_config[k] for k in recorded if k in native_config}
     extra["options"] = {k: v for k, v in options.items() if k not in _PEFT_HELD}
     extra["target_kinds"] = {p: kinds[p] for p in targets if p in kinds}
     peft_config = {
