@@ -135,7 +135,7 @@ def _trainable(peft_config: dict[str, Any], others: _Tensors, source: str) -> tu
         owner = None
         for i in range(1, len(parts)):
             candidate = ".".join(parts[:i])
-            if any(candidate == n or candidate.endswith("." + n) for n in names):
+            if any(candidate.endswith(n) for n in names):  # PEFT's rule: "pre_classifier" matches "classifier"
                 owner = candidate
                 break
         if owner is None:

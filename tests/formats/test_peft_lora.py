@@ -306,3 +306,19 @@ def test_a_pickled_peft_adapter_is_named(tmp_path):
     base, directory, _ = peft_saved("llama", tmp_path / "peft", target_modules=["q_proj"], r=2)
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
     _expect_refusal(base, directory, "only adapter_model.bin, a pickle, which peftcore does not read")
+
+
+def test_modules_to_save_follow_peft_suffix_rule(tmp_path):
+    """PEFT wraps every module whose name ends with a modules_to_save entry (DistilBERT's
+    pre_classifier for "classifier"); each becomes a trainable= module of its own."""
+    from peftcore.formats import peft_lora
+
+    tensors = {
+        "base_model.model.layer.lora_A.weight": torch.zeros(2, 4), "base_model.model.layer.lora_B.weight": torch.zeros(3, 2),
+        "base_model.model.pre_classifier.weight": torch.ones(4, 4), "base_model.model.classifier.weight": torch.ones(2, 4),
+    }
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["layer"], "modules_to_save": ["classifier"]}
+    native, native_tensors = peft_lora.to_native(None, config, tensors, "memory")
+    assert sorted(native["trainable"]) == ["classifier", "pre_classifier"]
+    assert native["trainable_keys"] == ["classifier.weight", "pre_classifier.weight"]
+    assert set(native_tensors) == {"layer.lora_A", "layer.lora_B", "classifier.weight", "pre_classifier.weight"}
