@@ -20,8 +20,9 @@ Settings:
 * ``PEFTCORE_PREFER="lora=dist-a,lora_linear.cpp=dist-b"`` or :func:`prefer`: which
   distribution wins when two claim the same entry name.
 
-Failures: a name claimed by two distributions is a :class:`PluginConflictError` wherever it is
-used, until one is preferred. A plugin that fails to import, is built for another plugin API, or
+Failures: a name claimed by two third-party distributions is a :class:`PluginConflictError`
+wherever it is used, until one is preferred; where peftcore itself is one of the claimants, its
+own entry wins with a ``RuntimeWarning`` naming the others (:func:`prefer` can still choose one). A plugin that fails to import, is built for another plugin API, or
 is not a valid method/handler/kernel raises :class:`peftcore.PluginError` (naming its
 distribution, the original exception chained) when asked for by name; where peftcore merely
 enumerates entries (layer handlers of a method, kernels of an op) it is skipped with one
@@ -374,10 +375,11 @@ class Registry:
         return list(self._candidates().get(name, []))
 
     def entry(self, name: str) -> Entry:
-        """The one provider of ``name``: registered in code, preferred, or the only one.
+        """The one provider of ``name``: registered in code, preferred, peftcore's own (a
+        ``RuntimeWarning`` names the third parties that claim it too), or the only one.
 
         Raises:
-            PluginConflictError: several distributions claim ``name`` and none is preferred.
+            PluginConflictError: several third-party distributions claim ``name`` and none is preferred.
             PluginError: ``name`` is unknown.
         """
         if name in self._code:
@@ -412,6 +414,17 @@ class Registry:
                     f"such entry; candidates: {', '.join(e.describe() for e in candidates)}"
                 )
             return match
+        builtin = [e for e in candidates if e.builtin]
+        if builtin:  # peftcore's own entry wins over third-party claims, which are named
+            others = ", ".join(f"{e.distribution} {e.version}" for e in candidates if not e.builtin)
+            warnings.warn(
+                f"peftcore: {self.what} {name!r} (entry-point group {self.group!r}) is also claimed by {others}; "
+                f"peftcore's own {name!r} is used. To use the other one, call "
+                f"peftcore.plugin.prefer({name!r}, '<distribution>') or set PEFTCORE_PREFER='{name}=<distribution>'",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+            return builtin[0]
         claims = " and ".join(f"{e.distribution} {e.version}" for e in candidates)
         raise PluginConflictError(
             f"{self.what} {name!r} (entry-point group {self.group!r}) is claimed by {claims}. "

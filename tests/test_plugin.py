@@ -196,12 +196,57 @@ def test_prefer_environment_variable(shift, site, monkeypatch):
         registry.get_method("shift")
 
 
-def test_a_plugin_claiming_a_builtin_name_is_a_conflict_too(site):
-    make_distribution(site, "lora-fork", "1.0", {"peftcore.methods": {"lora": "peftcore.tuners.lora.method:LoraMethod"}})
-    with pytest.raises(PluginConflictError, match=rf"claimed by peftcore {re.escape(peftcore.__version__)} and lora-fork 1\.0"):
+LORA_FORK = """
+from peftcore.tuners.lora.method import LoraMethod
+from peftcore.tuners.lora.layers import LINEAR as _LINEAR
+from peftcore.ops.lora import REFERENCE as _REFERENCE
+
+
+class ForkMethod(LoraMethod):
+    peftcore_api = 1
+    forked = True
+
+
+class _ForkKernel(type(_REFERENCE)):
+    backend = "cpp"
+    devices = ("cpu",)
+    peftcore_api = 1
+
+
+LINEAR = _LINEAR
+KERNEL = _ForkKernel()
+"""
+
+
+def test_builtins_win_over_a_third_party_claim_with_a_warning_and_prefer_can_choose_it(site):
+    make_distribution(site, "lora-fork", "1.0", {
+        "peftcore.methods": {"lora": "lora_fork:ForkMethod"},
+        "peftcore.layers": {"lora.linear": "lora_fork:LINEAR"},
+        "peftcore.kernels": {"lora_linear.cpp": "lora_fork:KERNEL"},
+    }, {"lora_fork.py": LORA_FORK})
+    with pytest.warns(RuntimeWarning) as caught:
+        method = registry.get_method("lora")  # resolves the method and its layer handlers
+        assert registry.KERNELS.entry("lora_linear.cpp").distribution == "peftcore"
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 3, messages
+    for what, name in (("kernel", "lora_linear.cpp"), ("layer", "lora.linear"), ("method", "lora")):
+        assert any(f"{what} {name!r} (entry-point group" in m and "also claimed by lora-fork 1.0; "
+                   f"peftcore's own {name!r} is used" in m for m in messages), messages
+    assert not getattr(method, "forked", False) and registry.method_provider("lora")["distribution"] == "peftcore"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved once: no second warning
         peftcore.wrap(nn.Sequential(nn.Linear(3, 3)), "lora")
-    plugin.prefer("lora", "peftcore")
-    peftcore.wrap(nn.Sequential(nn.Linear(3, 3)), "lora")
+    assert "lora-fork 1.0" in str(peftcore.methods())  # the listing shows the competing claim
+    plugin.prefer("lora", "lora-fork")
+    assert getattr(registry.get_method("lora"), "forked", False)
+    assert registry.method_provider("lora") == {"distribution": "lora-fork", "version": "1.0"}
+
+
+def test_two_third_parties_claiming_a_builtin_name_still_let_the_builtin_win(site):
+    for dist in ("fork-a", "fork-b"):
+        make_distribution(site, dist, "1.0", {"peftcore.methods": {"lora": "lora_fork:ForkMethod"}}, {"lora_fork.py": LORA_FORK})
+    with pytest.warns(RuntimeWarning, match="also claimed by fork-a 1.0, fork-b 1.0"):
+        assert registry.METHODS.entry("lora").builtin
 
 
 BROKEN = """
