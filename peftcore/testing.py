@@ -139,7 +139,8 @@ def check_method(
         model_factory: returns a fresh base model, with the same weights on every call (seed it).
             The kit converts it to float32 and eval mode.
         inputs_factory: returns example inputs: a tensor (``model(x)``), a tuple
-            (``model(*args)``) or a mapping (``model(**kwargs)``). Default, for models with
+            (``model(*args)``) or a mapping (``model(**kwargs)``). Called once (under the kit's
+            seed); every forward gets a copy of the same inputs. Default, for models with
             ``config.vocab_size`` (transformers models): ``input_ids`` of shape ``(2, 8)`` and
             an all-ones ``attention_mask``. Floating tensors are cast to the model's dtype in the
             dtype check.
@@ -177,6 +178,8 @@ def check_method(
                        dict(targets=targets, exclude=exclude, layers=layers, **options), perturb, seed)
         except PeftcoreError:
             raise  # bad arguments (ConfigError, TargetError, ...): the caller's to fix
+        except _Failure as exc:
+            raise AssertionError(f"check_method({name!r}): setting up (wrapping a fresh model) failed: {exc}") from exc.__cause__
         except Exception as exc:
             raise AssertionError(f"check_method({name!r}): setting up (wrapping a fresh model) failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
@@ -271,6 +274,16 @@ def _default_output(out: Any) -> torch.Tensor:
     )
 
 
+def _clone_inputs(inputs: Any) -> Any:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.clone()
+    if isinstance(inputs, Mapping):
+        return {k: _clone_inputs(v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_clone_inputs(v) for v in inputs)
+    return inputs
+
+
 def _cast_inputs(inputs: Any, dtype: torch.dtype) -> Any:
     if isinstance(inputs, torch.Tensor):
         return inputs.to(dtype) if inputs.is_floating_point() else inputs
@@ -291,7 +304,9 @@ class _Kit:
         self.wrap_kwargs, self.perturb_size, self.seed = wrap_kwargs, float(perturb), seed
         first, second = self.fresh(), self.fresh()
         self._check_same_weights(first, second)
-        self.inputs_factory = inputs_factory or self._token_inputs_factory(first)
+        # Called once: every forward of every check reads (a copy of) the same inputs, so a factory
+        # that draws random tensors without a seed is fine.
+        self.inputs = (inputs_factory or self._token_inputs_factory(first))()
         self.report = ConformanceReport(name, f"{type(first).__module__}.{type(first).__qualname__}",
                                         registry.method_provider(name))
         self.base_keys = list(first.state_dict())
@@ -334,7 +349,7 @@ class _Kit:
         return token_inputs
 
     def run(self, model: nn.Module, dtype: torch.dtype | None = None, grad: bool = False) -> torch.Tensor:
-        inputs = self.inputs_factory()
+        inputs = _clone_inputs(self.inputs)  # a model that writes into its inputs cannot change later checks
         if dtype is not None:
             inputs = _cast_inputs(inputs, dtype)
         with torch.set_grad_enabled(grad):
@@ -353,7 +368,25 @@ class _Kit:
         returned = peftcore.wrap(model, self.name, name=ADAPTER, **self.wrap_kwargs)
         if returned is not model:
             raise _Failure("peftcore.wrap returned another object than the model it was given")
+        self._check_layer_methods(model)
         return model
+
+    def _check_layer_methods(self, model: nn.Module) -> None:
+        """Adapter layers holding the kit's adapter must say they belong to this method: the
+        method finds its layers by their ``method`` attribute, so a mismatch hides them."""
+        for path, module in model.named_modules():
+            if not isinstance(module, AdapterLayer) or module.method == self.name:
+                continue
+            try:
+                holds = ADAPTER in module.adapter_names()
+            except Exception:
+                continue
+            if holds:
+                raise _Failure(
+                    f"the adapter layer at {path!r} ({type(module).__qualname__}) has method = {module.method!r}, "
+                    f"but the method is {self.name!r}: set the class attribute method = {self.name!r} on the layer "
+                    "class, or the method cannot find its layers (no parameters, state or merging)"
+                )
 
     def adapter_params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return list(self.method.adapter_parameters(model, ADAPTER))

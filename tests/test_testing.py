@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 import peftcore
 from models import gpt2, llama, minilm, minilm_inputs, mlp
@@ -231,3 +232,24 @@ def test_builtin_methods_with_dropout_pass_the_training_mode_check(method, optio
     report = check_method(method, lambda: tiny_model("bert"), **options)
     assert report.results["training_mode"] == "passed"
     assert report.results["disable"] == "passed"
+
+
+def test_inputs_factory_is_called_once_so_unseeded_random_inputs_work():
+    calls = []
+
+    def inputs():
+        calls.append(1)
+        return torch.randn(2, 16)  # no seed of its own: the docs' example
+
+    model = lambda: torch.manual_seed(0) and nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))  # noqa: E731
+    report = check_method("lora", model, inputs_factory=inputs, rank=2)
+    assert report.passed == list(CHECKS) and len(calls) == 1
+
+
+def test_a_layer_whose_method_attribute_does_not_match_is_named(register):
+    handler, method = _broken("mismatched")
+    handler = dataclasses.replace(handler, layer=type("MismatchedLayer", (LoraLinear,), {"method": "lora"}))
+    name = register(handler, method)
+    with pytest.raises(AssertionError, match=r"check_method\('mismatched'\): setting up .* adapter layer at '\w+' "
+                                             r"\(MismatchedLayer\) has method = 'lora', but the method is 'mismatched'"):
+        check_method(name, mlp, inputs_factory=_mlp_inputs)
