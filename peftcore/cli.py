@@ -84,6 +84,8 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
                    help="stop after this many epochs without a better validation metric, restoring the best weights (0: off)")
     g.add_argument("--early-stopping-metric", choices=list(STOP_METRICS), default=d.early_stopping_metric, help="metric early stopping watches")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (also on the CPU)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 autocast with dynamic loss scaling (torch.amp.GradScaler): steps with inf/NaN gradients are skipped")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--threads", type=int, default=d.threads,

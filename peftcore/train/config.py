@@ -48,6 +48,8 @@ class FinetuneConfig:
         early_stopping: patience in epochs; 0 = off. The best epoch's weights are restored.
         early_stopping_metric: ``accuracy``, ``macro_f1`` or ``loss`` on the validation data.
         bf16: bf16 autocast (on the CPU too).
+        fp16: fp16 autocast with dynamic loss scaling (``torch.amp.GradScaler``); steps whose
+            gradients overflow are skipped. Excludes ``bf16``.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
         freeze_blocks: ``partial``: bottom blocks to freeze (``None`` = half).
         freeze: ``partial``: regex of parameter names to freeze as well.
@@ -92,6 +94,7 @@ class FinetuneConfig:
     early_stopping: int = 0
     early_stopping_metric: str = "accuracy"
     bf16: bool = False
+    fp16: bool = False
     gradient_checkpointing: bool = False
     freeze_blocks: int | None = None
     freeze: str | None = None
@@ -171,5 +174,7 @@ class FinetuneConfig:
             raise bad("lr_decay", "must be in (0, 1]")
         if self.strategy is not None and self.method != "lora" and self.method != self.strategy:
             raise ConfigError(f"--strategy {self.strategy!r} and --method {self.method!r} disagree; pass only --strategy")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 exclude each other; pass one")
         if self.ewc_data is not None and not self.ewc:
             raise ConfigError("--ewc-data is given but --ewc (the strength) is 0; pass --ewc STRENGTH as well")

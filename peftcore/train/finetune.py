@@ -25,6 +25,7 @@ import torch
 
 import peftcore
 from peftcore.errors import ConfigError, DataError, PeftcoreError
+from peftcore.train import amp
 from peftcore.train import data as data_mod
 from peftcore.train import distributed
 from peftcore.train import memory
@@ -243,7 +244,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         enable_checkpointing(model)
     train_model, loss_fn = _distribute(model, config.seed)
 
-    before, before_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (before)")
+    before, before_loss = evaluate(model, val_batches, labels, bf16=config.bf16, fp16=config.fp16, progress=config.progress,
+                                   desc="validation (before)")
     log(f"validation accuracy before fine-tuning: {before.accuracy:.4f}")
 
     penalties = []
@@ -261,6 +263,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     if config.early_stopping:
         stopper = EarlyStopping(plan.named_parameters(), config.early_stopping, STOP_METRICS[config.early_stopping_metric])
 
+    scaler = amp.make_scaler(model, config.fp16)  # one for the run: its scale carries across epochs
+    skipped_steps = 0
     rss_before = memory.rss_mib()
     memory.reset_peak()
     history, step_losses, step_times = [], [], []
@@ -276,10 +280,15 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
                 unfreezer.step()
 
         stats = train_epoch(train_model, batches, optimizer, scheduler=scheduler, loss_fn=loss_fn, max_grad_norm=config.max_grad_norm or None,
-                            accumulation=config.grad_accum, penalty=combine(penalties), bf16=config.bf16,
-                            progress=config.progress, desc=f"epoch {epoch}/{config.epochs}", on_step=on_step)
+                            accumulation=config.grad_accum, penalty=combine(penalties), bf16=config.bf16, fp16=config.fp16,
+                            scaler=scaler, progress=config.progress, desc=f"epoch {epoch}/{config.epochs}", on_step=on_step)
         step_times += stats.step_times
-        report, val_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation")
+        skipped_steps += stats.skipped
+        if stats.skipped:
+            log(f"epoch {epoch}: fp16 loss scaling skipped {stats.skipped} of {stats.steps} steps (inf/NaN gradients); "
+                f"loss scale now {stats.loss_scale:g}")
+        report, val_loss = evaluate(model, val_batches, labels, bf16=config.bf16, fp16=config.fp16, progress=config.progress,
+                                    desc="validation")
         history.append({"epoch": epoch, "train_loss": stats.loss, "penalty": stats.penalty, "val_loss": val_loss,
                         "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1, "median_step_s": stats.median_step_s,
                         "lr": max(g["lr"] for g in optimizer.param_groups),
@@ -299,7 +308,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     if best_epoch is None or best_epoch == len(history):
         after, after_loss = report, val_loss  # the weights are those the last epoch's evaluation saw
     else:
-        after, after_loss = evaluate(model, val_batches, labels, bf16=config.bf16, progress=config.progress, desc="validation (after)")
+        after, after_loss = evaluate(model, val_batches, labels, bf16=config.bf16, fp16=config.fp16, progress=config.progress,
+                                     desc="validation (after)")
     if not distributed.is_main_process():
         return FinetuneResult(run_dir, before.accuracy, after.accuracy, after.macro_f1, trainable, total, history, time.perf_counter() - start)
     run_dir = prepare_run_dir(run_dir, config.overwrite)
@@ -328,6 +338,9 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         "saved": saved,
         "seconds": seconds,
         "world_size": distributed.world()[1],
+        "precision": amp.precision_name(config.bf16, config.fp16),
+        "skipped_steps": skipped_steps,
+        "loss_scale": scaler.get_scale() if scaler is not None else None,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     resolved = dataclasses.asdict(config) | {"strategy": plan.strategy, "lr": strategy.base_lr, "model": model_dir, "labels": labels,
