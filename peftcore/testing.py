@@ -35,6 +35,9 @@ dtype               ``.to(torch.float64)`` moves outputs and adapter parameters 
 ==================  =========================================================================
 
 The first failing check raises ``AssertionError`` naming the method, the check and what differed.
+
+Kernels have a kit of their own, :func:`check_kernel` (from :mod:`peftcore.testing_kernels`,
+re-exported here): ``check_kernel("lora_linear", "mybackend")``.
 Where a check needs an informative adapter (not the identity), every adapter parameter ``p`` is
 perturbed by ``perturb * rms(p) * N(0, 1)`` (absolute ``perturb * N(0, 1)`` where ``p`` is all
 zeros), with a fixed seed.
@@ -57,6 +60,7 @@ import peftcore
 from peftcore import registry
 from peftcore.errors import AdapterStateError, ConfigError, PeftcoreError
 from peftcore.tuners.base import AdapterLayer
+from peftcore.testing_kernels import KERNEL_CHECKS, KernelReport, check_kernel  # noqa: F401  (the kernel kit, re-exported)
 
 #: Every check :func:`check_method` runs, in order.
 CHECKS = ("identity_at_init", "training_mode", "disable", "save_load", "merge", "gradients", "unwrap", "dtype")
