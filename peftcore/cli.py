@@ -87,6 +87,11 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--fp16", action="store_true",
                    help="fp16 autocast with dynamic loss scaling (torch.amp.GradScaler): steps with inf/NaN gradients are skipped")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
+    g.add_argument("--teacher", default=d.teacher, metavar="RUN_DIR",
+                   help="knowledge distillation from the classifier of this 'peftcore finetune' run directory")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature T")
+    g.add_argument("--distill-weight", type=float, default=d.distill_weight, metavar="A",
+                   help="distillation: loss = A * CE + (1 - A) * T^2 * KL(teacher || student)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed")
     g.add_argument("--threads", type=int, default=d.threads,
                    help="torch intra-op threads (default: one per core); 1 is much faster on a machine busy with other jobs")

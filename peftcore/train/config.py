@@ -50,6 +50,11 @@ class FinetuneConfig:
         bf16: bf16 autocast (on the CPU too).
         fp16: fp16 autocast with dynamic loss scaling (``torch.amp.GradScaler``); steps whose
             gradients overflow are skipped. Excludes ``bf16``.
+        teacher: knowledge distillation: the run directory of a ``peftcore finetune`` job whose
+            classifier teaches this run's model (:mod:`peftcore.train.distill`); ``None`` = off.
+        temperature: distillation temperature ``T``.
+        distill_weight: distillation: the share ``a`` of the hard-label cross-entropy in
+            ``a * CE + (1 - a) * T^2 * KL``.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
         freeze_blocks: ``partial``: bottom blocks to freeze (``None`` = half).
         freeze: ``partial``: regex of parameter names to freeze as well.
@@ -95,6 +100,9 @@ class FinetuneConfig:
     early_stopping_metric: str = "accuracy"
     bf16: bool = False
     fp16: bool = False
+    teacher: str | None = None
+    temperature: float = 2.0
+    distill_weight: float = 0.5
     gradient_checkpointing: bool = False
     freeze_blocks: int | None = None
     freeze: str | None = None
@@ -176,5 +184,9 @@ class FinetuneConfig:
             raise ConfigError(f"--strategy {self.strategy!r} and --method {self.method!r} disagree; pass only --strategy")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other; pass one")
+        if self.teacher is not None:
+            from peftcore.train.distill import check_options
+
+            check_options(self.temperature, self.distill_weight)
         if self.ewc_data is not None and not self.ewc:
             raise ConfigError("--ewc-data is given but --ewc (the strength) is 0; pass --ewc STRENGTH as well")

@@ -216,6 +216,24 @@ def _distribute(model: torch.nn.Module, seed: int):
     return ddp, distributed.ShardedLoss(classification_loss)
 
 
+def _distiller(config: FinetuneConfig, labels: list[str], val_data, val_batches, log: Callable[[str], None]):
+    """The teacher of ``--teacher``, the validation batches with its logits, and its accuracy."""
+    from peftcore.train.distill import Distiller
+    from peftcore.train.metrics import classification_report
+
+    if distributed.world()[1] > 1:
+        raise ConfigError("--teacher (distillation) runs in one process; drop --nproc")
+    distiller = Distiller.from_run(config.teacher, labels, config.temperature, config.distill_weight, config.batch_size, config.max_length)
+    val_batches = distiller.attach(val_batches, val_data)
+    gold = torch.cat([b.labels for b in val_batches]).tolist()
+    predicted = torch.cat([b.teacher_logits for b in val_batches]).argmax(-1).tolist()
+    accuracy = classification_report(gold, predicted, labels).accuracy
+    log(f"teacher: {config.teacher} ({type(distiller.teacher).__name__}), validation accuracy {accuracy:.4f}; "
+        f"loss {config.distill_weight:g} * CE + {1 - config.distill_weight:g} * T^2 * KL at T = {config.temperature:g}")
+    return distiller, val_batches, {"run_dir": str(config.teacher), "accuracy": accuracy, "temperature": config.temperature,
+                                    "distill_weight": config.distill_weight}
+
+
 def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     start = time.perf_counter()
     seed_everything(config.seed)
@@ -243,10 +261,16 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     if config.gradient_checkpointing:
         enable_checkpointing(model)
     train_model, loss_fn = _distribute(model, config.seed)
+    distiller, teacher = None, {}
+    if config.teacher is not None:
+        distiller, val_batches, teacher = _distiller(config, labels, val_data, val_batches, log)
+        loss_fn = distiller.loss_fn
 
     before, before_loss = evaluate(model, val_batches, labels, bf16=config.bf16, fp16=config.fp16, progress=config.progress,
                                    desc="validation (before)")
     log(f"validation accuracy before fine-tuning: {before.accuracy:.4f}")
+    if distiller is not None:
+        teacher["kl_before"] = distiller.kl(model, val_batches)
 
     penalties = []
     if config.l1:
@@ -273,6 +297,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         if unfreezer is not None:
             unfreezer.start_epoch(epoch - 1)
         batches = data_mod.batches(train_data, tokenizer, label_ids, config.batch_size, config.max_length, shuffle=True, seed=config.seed + epoch)
+        if distiller is not None:
+            batches = distiller.attach(batches, train_data, shuffle=True, seed=config.seed + epoch)
 
         def on_step(step: int, loss: float, seconds: float) -> None:
             step_losses.append(loss)
@@ -293,6 +319,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
                         "val_accuracy": report.accuracy, "val_macro_f1": report.macro_f1, "median_step_s": stats.median_step_s,
                         "lr": max(g["lr"] for g in optimizer.param_groups),
                         "trainable_now": sum(p.numel() for _, p in plan.named_parameters() if p.requires_grad)})
+        if distiller is not None:
+            history[-1]["val_kl_to_teacher"] = distiller.kl(model, val_batches)
         log(f"epoch {epoch}: train loss {stats.loss:.4f}, validation loss {val_loss:.4f}, accuracy {report.accuracy:.4f}, "
             f"macro-F1 {report.macro_f1:.4f}")
         metric = {"accuracy": report.accuracy, "macro_f1": report.macro_f1, "loss": val_loss}[config.early_stopping_metric]
@@ -341,6 +369,7 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         "precision": amp.precision_name(config.bf16, config.fp16),
         "skipped_steps": skipped_steps,
         "loss_scale": scaler.get_scale() if scaler is not None else None,
+        "teacher": teacher or None,
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     resolved = dataclasses.asdict(config) | {"strategy": plan.strategy, "lr": strategy.base_lr, "model": model_dir, "labels": labels,
