@@ -215,14 +215,30 @@ class LoraLayer(AdapterLayer):
 
 
 class LoraLinear(LoraLayer):
-    """LoRA on ``nn.Linear``: ``y = base(x) + scale * dropout(x) A^T B^T`` through :func:`lora_linear`."""
+    """LoRA on ``nn.Linear``: ``y = base(x) + scale * dropout(x) A^T B^T`` through :func:`lora_linear`.
+
+    The class to build on for LoRA on another linear-like module type (a layer plugin, see
+    docs/plugins.md). It reads ``base_layer.bias`` and, through :meth:`weight_for_op`, the base
+    weight; ``factor_shapes`` reads :meth:`base_weight`'s ``(out, in)`` shape. Override
+    :meth:`weight_for_op` and ``base_weight`` for a module that stores its weight otherwise.
+    """
 
     def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out_features, in_features = self.base_weight().shape
         return (rank, in_features), (out_features, rank)
 
-    def _weight_for_op(self) -> torch.Tensor:
+    def weight_for_op(self) -> torch.Tensor:
+        """The base weight as the op reads it: ``(N, K)`` = (out, in), any strides (a transposed
+        view of a weight stored ``(in, out)`` is read in place, without a copy).
+
+        Returns:
+            The weight, shape ``(out_features, in_features)``.
+        """
         return self.base_layer.weight
+
+    def _weight_for_op(self) -> torch.Tensor:
+        # The old, private name: forward calls it, so overriding either name works.
+        return self.weight_for_op()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -271,7 +287,7 @@ class LoraHFConv1D(LoraLinear):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight.t()
 
-    def _weight_for_op(self) -> torch.Tensor:
+    def weight_for_op(self) -> torch.Tensor:
         return self.base_layer.weight.t()
 
 
