@@ -12,6 +12,8 @@ given layer handlers; a method then only defines its config and its layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, ClassVar, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -198,6 +200,17 @@ def iter_layers(model: nn.Module, method: str) -> Iterator[tuple[str, AdapterLay
             yield path, module
 
 
+def _takes_config(default_targets: Any) -> bool:
+    """Whether a (bound) ``default_targets`` accepts the config (overrides from before it was passed do not)."""
+    try:
+        inspect.signature(default_targets).bind("path", None, config=None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: call it the old way
+        return False
+    return True
+
+
 def _describe_type(module: nn.Module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -234,17 +247,44 @@ class LayerMethod:
         handler = self.handler_for(module)
         return handler is not None and handler.linear_like
 
-    def default_targets(self, path: str, module: nn.Module) -> bool:
-        """Default selection: every linear-like module except the output head."""
+    def default_targets(self, path: str, module: nn.Module, config: Any = None) -> bool:
+        """Whether ``targets=None`` selects the module at ``path`` (default: every linear-like
+        module; the output head is left out before this is asked).
+
+        Args:
+            path: the module's dotted path, e.g. ``"encoder.layer.0.attention.self.query"``.
+            module: the module there (for a module that already holds an adapter of this
+                method, its adapter layer).
+            config: the adapter's options (an instance of ``config_class``), so that an option
+                can change the default targets. An override written with two arguments,
+                ``default_targets(self, path, module)``, keeps working: the config is passed
+                only to overrides that take a third argument.
+        """
         return self.is_linear_like(module)
 
     # -- Method protocol -------------------------------------------------------------------------
     def resolve_targets(self, model: nn.Module, config: Any, spec: targeting.TargetSpec) -> list[str]:
+        """Module paths to attach to.
+
+        Args:
+            model: the model being wrapped.
+            config: the adapter's options (an instance of ``config_class``).
+            spec: what the user passed to ``wrap``: ``spec.targets`` (``None`` for the method's
+                defaults, see :meth:`default_targets`; else names, a regex, ``"all-linear"`` or a
+                callable ``(path, module) -> bool``), ``spec.exclude`` (the same forms) and
+                ``spec.layers`` (block indices).
+
+        Returns:
+            Dotted module paths, in model order.
+        """
         if spec.targets is None:
             heads = targeting.output_head_paths(model)
+            default = self.default_targets
+            if _takes_config(default):
+                default = functools.partial(default, config=config)
 
             def all_linear_except_head(path: str, module: nn.Module) -> bool:
-                return path not in heads and self.default_targets(path, module)
+                return path not in heads and default(path, module)
 
             spec = dataclasses.replace(spec, targets=all_linear_except_head)
         paths = targeting.select(model, spec, default=None, is_linear_like=self.is_linear_like)  # type: ignore[arg-type]
