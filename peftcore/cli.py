@@ -89,6 +89,11 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
     g.add_argument("--teacher", default=d.teacher, metavar="RUN_DIR",
                    help="knowledge distillation from the classifier of this 'peftcore finetune' run directory")
+    g.add_argument("--few-shot", type=int, default=d.few_shot, metavar="K",
+                   help="few-shot: a prototypical network trained on K examples per class, over --few-shot-seeds support sets")
+    g.add_argument("--few-shot-seeds", type=int, default=d.few_shot_seeds, help="few-shot: support sets drawn (accuracy mean and std)")
+    g.add_argument("--no-few-shot-baseline", dest="few_shot_baseline", action="store_false",
+                   help="few-shot: skip the comparison run on all the training data")
     g.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature T")
     g.add_argument("--distill-weight", type=float, default=d.distill_weight, metavar="A",
                    help="distillation: loss = A * CE + (1 - A) * T^2 * KL(teacher || student)")
@@ -249,6 +254,29 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_new_plugin(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "new-plugin",
+        help="write a plugin package to start from (method, layers or kernel)",
+        description="Write the pip-installable package peftcore-NAME: pyproject.toml with the entry points, the module, "
+        "a README, tests using peftcore's conformance kit, and a CI test matrix. Its tests pass right after "
+        "'pip install --no-build-isolation -e DIR'. See docs/plugins.md.",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("name", metavar="NAME", help="the method, handler (lora.NAME) or backend (lora_linear.NAME) name, e.g. bitfit")
+    p.add_argument("--kind", required=True, choices=("method", "layers", "kernel"), help="what the plugin adds")
+    p.add_argument("--out", default=None, help="directory to create (default: ./peftcore-NAME)")
+    p.set_defaults(handler=_run_new_plugin)
+
+
+def _run_new_plugin(args: argparse.Namespace) -> int:
+    from peftcore.plugin_template import new_plugin
+
+    out = new_plugin(args.name, args.kind, args.out)
+    print(f"wrote {out}; next: pip install --no-build-isolation -e {out} && python -m pytest {out / 'tests'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from peftcore import __version__
 
@@ -260,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     sub.add_parser("methods", help="list the available adapter methods").set_defaults(handler=_run_methods)
     sub.add_parser("backends", help="list kernel backends and whether they are available").set_defaults(handler=_run_backends)
+    _add_new_plugin(sub)
     return parser
 
 

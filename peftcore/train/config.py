@@ -55,6 +55,10 @@ class FinetuneConfig:
         temperature: distillation temperature ``T``.
         distill_weight: distillation: the share ``a`` of the hard-label cross-entropy in
             ``a * CE + (1 - a) * T^2 * KL``.
+        few_shot: few-shot fine-tuning with a prototypical network on this many examples per class
+            (:mod:`peftcore.train.fewshot`); ``None`` = off.
+        few_shot_seeds: few-shot: support sets drawn (one run each); accuracy mean and std over them.
+        few_shot_baseline: few-shot: also fine-tune on all the training data, for comparison.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
         freeze_blocks: ``partial``: bottom blocks to freeze (``None`` = half).
         freeze: ``partial``: regex of parameter names to freeze as well.
@@ -103,6 +107,9 @@ class FinetuneConfig:
     teacher: str | None = None
     temperature: float = 2.0
     distill_weight: float = 0.5
+    few_shot: int | None = None
+    few_shot_seeds: int = 5
+    few_shot_baseline: bool = True
     gradient_checkpointing: bool = False
     freeze_blocks: int | None = None
     freeze: str | None = None
@@ -188,5 +195,9 @@ class FinetuneConfig:
             from peftcore.train.distill import check_options
 
             check_options(self.temperature, self.distill_weight)
+        if self.few_shot is not None:
+            from peftcore.train.fewshot import check_options as check_few_shot
+
+            check_few_shot(self)
         if self.ewc_data is not None and not self.ewc:
             raise ConfigError("--ewc-data is given but --ewc (the strength) is 0; pass --ewc STRENGTH as well")

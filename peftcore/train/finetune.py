@@ -235,6 +235,12 @@ def _distiller(config: FinetuneConfig, labels: list[str], val_data, val_batches,
 
 
 def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
+    if config.few_shot is not None:
+        from peftcore.train.fewshot import run_few_shot
+
+        if distributed.world()[1] > 1:
+            raise ConfigError("--few-shot runs in one process; drop --nproc")
+        return run_few_shot(config, log)
     start = time.perf_counter()
     seed_everything(config.seed)
     train_data, val_data = load_data(config)
