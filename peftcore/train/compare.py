@@ -30,6 +30,42 @@ from peftcore.train.strategies import LAYER_STRATEGIES, strategies
 #: What ``--methods`` means when not given: every PEFT method the issue names, then the layer strategies.
 DEFAULT_METHODS = ("lora", "adapter", "prefix", "prompt") + LAYER_STRATEGIES
 
+#: Row variants, ``STRATEGY+VARIANT`` in ``--methods`` (``lora+fp16``, ``full+distill``): the
+#: options each sets on top of the shared ones. ``distill`` and ``few-shot`` take the teacher and
+#: K from ``--teacher`` / ``--few-shot``, which then apply to those rows only.
+VARIANTS = {
+    "fp16": {"fp16": True, "bf16": False},
+    "bf16": {"bf16": True, "fp16": False},
+    "distill": {},
+    "few-shot": {},
+}
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``"lora+fp16"`` -> ``("lora", "fp16")``; ``"lora"`` -> ``("lora", None)``."""
+    strategy, sep, variant = name.partition("+")
+    return strategy, (variant if sep else None)
+
+
+def row_config(base: FinetuneConfig, name: str, names: Sequence[str]) -> FinetuneConfig:
+    """The configuration of the row ``name`` (``STRATEGY[+VARIANT]``) among ``names``.
+
+    Raises:
+        ConfigError: a ``distill`` row without ``--teacher`` or a ``few-shot`` row without ``--few-shot``.
+    """
+    strategy, variant = split_variant(name)
+    config = dataclasses.replace(base, strategy=strategy, method="lora")
+    variants = {split_variant(n)[1] for n in names}
+    if "distill" in variants and variant != "distill":
+        config = dataclasses.replace(config, teacher=None)
+    if "few-shot" in variants and variant != "few-shot":
+        config = dataclasses.replace(config, few_shot=None)
+    if variant == "distill" and base.teacher is None:
+        raise ConfigError(f"the row {name!r} needs --teacher RUN_DIR")
+    if variant == "few-shot" and base.few_shot is None:
+        raise ConfigError(f"the row {name!r} needs --few-shot K")
+    return dataclasses.replace(config, **VARIANTS.get(variant, {}))
+
 
 @dataclasses.dataclass
 class CompareResult:
@@ -63,7 +99,10 @@ def resolve_methods(methods: Sequence[str] | None) -> tuple[list[str], list[str]
     if methods is None:
         return [m for m in DEFAULT_METHODS if m in available], [m for m in DEFAULT_METHODS if m not in available]
     names = [m.strip() for m in methods if m.strip()]
-    unknown = [m for m in names if m not in available]
+    bad = next((m for m in names if split_variant(m)[1] is not None and split_variant(m)[1] not in VARIANTS), None)
+    if bad is not None:
+        raise ConfigError(f"unknown variant in {bad!r} in --methods; variants: {', '.join('+' + v for v in VARIANTS)}")
+    unknown = [m for m in names if split_variant(m)[0] not in available]
     if unknown:
         raise ConfigError(f"unknown strategy {unknown[0]!r} in --methods; available now: {', '.join(available)} "
                           "(adapter methods appear once their package or plugin is installed)")
@@ -157,6 +196,7 @@ def compare(
 
     names, missing = resolve_methods(methods)
     base.validate()
+    configs = {name: row_config(base, name, names) for name in names}  # errors before anything runs
     target = run_dir_path(None if out is None else str(out), overwrite, prefix="compare")
     target = prepare_run_dir(target, overwrite)
     (target / "logs").mkdir()
@@ -168,7 +208,7 @@ def compare(
     for name in bar:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(name)
-        config = dataclasses.replace(base, strategy=name, method="lora", out=str(target / name), overwrite=False)
+        config = dataclasses.replace(configs[name], out=str(target / name), overwrite=False)
         metrics, error = runner(config, target / "logs" / f"{name}.log")
         if metrics is None:
             rows.append({"strategy": name, "error": error})
