@@ -28,6 +28,10 @@ def load() -> tuple[bool, str]:
         from peftcore.ops import bottleneck_cpp
 
         bottleneck_cpp.register()
+    if torch_has_op("lora_grouped"):
+        from peftcore.ops import lora_grouped_cpp
+
+        lora_grouped_cpp.register()
     return True, ""
 
 

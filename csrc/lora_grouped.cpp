@@ -1,0 +1,381 @@
+// peftcore::lora_grouped: many LoRA adapters in one batch, one adapter (or none) per row.
+// Specification: peftcore/ops/lora_grouped.py::reference_lora_grouped.
+//
+//   y[m] = x[m] W^T + b + scale[g] * dropout(x)[m] A[g]^T B[g]^T,   g = index[m]  (-1: base only)
+//
+// Forward (CPU): one row-parallel pass writes every row of y once: b plus the row's own
+// adapter's low-rank product (h = dropout(x)[m] A[g]^T, then scale[g] h B[g]^T, h in row-sized
+// buffers), with the dropout mask drawn from (seed, m * K + k) as lora_linear does, at the row's
+// adapter's own probability dropout_p[g]; then
+// the base GEMM accumulates into y (ATen/MKL, beta = 1), as lora_linear fuses it. No Python loop,
+// no gather/scatter of rows, no per-adapter output buffer. The adapters' ranks may differ; h is
+// returned padded to the largest rank (zeros beyond a row's own rank) for backward.
+// Backward: a row-parallel pass computes gh = scale[g] grad_y[m] B[g] and the low-rank part of
+// grad_x (mask regenerated); the base GEMM adds grad_y W; then the parameter gradients run in
+// parallel over (adapter, column block) pairs, each summing its adapter's rows in a fixed order
+// (rows sorted by adapter once, a counting sort), so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "philox.h"
+
+namespace peftcore {
+namespace grouped {
+
+// Dot product with eight partial sums, so -O3 vectorises it without -ffast-math.
+template <typename T, typename acc_t>
+inline acc_t dot(const T* a, const acc_t* b, int64_t n) {
+  acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) s[l] += static_cast<acc_t>(a[i + l]) * b[i + l];
+  acc_t total = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < n; ++i) total += static_cast<acc_t>(a[i]) * b[i];
+  return total;
+}
+
+// Row m of x, dropped and scaled by 1 / (1 - p) (or copied), into out (opmath type).
+template <typename T, typename acc_t>
+inline void load_row(const T* x, int64_t m, int64_t K, uint64_t seed, uint32_t thr, acc_t inv_keep, bool drop,
+                     acc_t* out) {
+  if (!drop) {
+    for (int64_t k = 0; k < K; ++k) out[k] = static_cast<acc_t>(x[k]);
+    return;
+  }
+  uint32_t block[4];
+  uint64_t current = ~uint64_t{0};
+  const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint64_t o = base + static_cast<uint64_t>(k);
+    if ((o >> 3) != current) {
+      current = o >> 3;
+      philox::block(seed, current, block);
+    }
+    out[k] = philox::draw16(block, o) >= thr ? static_cast<acc_t>(x[k]) * inv_keep : acc_t(0);
+  }
+}
+
+struct Groups {
+  std::vector<int64_t> offsets;  // G + 1: rows of adapter g are rows[offsets[g] .. offsets[g + 1])
+  std::vector<int64_t> rows;
+};
+
+// Rows sorted by adapter (stable counting sort); base rows (-1) are left out.
+inline Groups sort_rows(const int64_t* index, int64_t M, int64_t G) {
+  Groups out;
+  out.offsets.assign(G + 1, 0);
+  for (int64_t m = 0; m < M; ++m)
+    if (index[m] >= 0) ++out.offsets[index[m] + 1];
+  for (int64_t g = 0; g < G; ++g) out.offsets[g + 1] += out.offsets[g];
+  out.rows.resize(out.offsets[G]);
+  std::vector<int64_t> next(out.offsets.begin(), out.offsets.end() - 1);
+  for (int64_t m = 0; m < M; ++m)
+    if (index[m] >= 0) out.rows[next[index[m]]++] = m;
+  return out;
+}
+
+void check(const at::Tensor& x, const at::Tensor& weight, at::TensorList A, at::TensorList B,
+           at::ArrayRef<double> scales, const at::Tensor& index) {
+  TORCH_CHECK(x.dim() == 2, "lora_grouped: x must be (M, K), got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "lora_grouped: weight must be (N, K), got ",
+              weight.sizes(), " for x ", x.sizes());
+  TORCH_CHECK(A.size() == B.size() && A.size() == scales.size(), "lora_grouped: ", A.size(), " A factors, ",
+              B.size(), " B factors and ", scales.size(), " scales; they must match");
+  const int64_t K = x.size(1), N = weight.size(0);
+  for (size_t g = 0; g < A.size(); ++g) {
+    TORCH_CHECK(A[g].dim() == 2 && A[g].size(1) == K && B[g].dim() == 2 && B[g].size(0) == N &&
+                    B[g].size(1) == A[g].size(0),
+                "lora_grouped: adapter ", g, " has A ", A[g].sizes(), " and B ", B[g].sizes(), "; they must be (r, ", K,
+                ") and (", N, ", r)");
+    TORCH_CHECK(A[g].scalar_type() == x.scalar_type() && B[g].scalar_type() == x.scalar_type(),
+                "lora_grouped: adapter ", g, " has dtype ", A[g].scalar_type(), "/", B[g].scalar_type(), ", x has ",
+                x.scalar_type());
+  }
+  TORCH_CHECK(index.dim() == 1 && index.size(0) == x.size(0) &&
+                  (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
+              "lora_grouped: index must be an integer tensor of shape (", x.size(0), ",), got ", index.scalar_type(),
+              " ", index.sizes());
+}
+
+// Per-adapter dropout: adapters routed together keep their own probabilities; the draws are the
+// same (seed, offset) stream for every adapter, as in lora_linear.
+struct Dropout {
+  std::vector<bool> drop;
+  std::vector<uint32_t> thr;
+  std::vector<double> inv_keep;
+  uint64_t seed = 0;
+  Dropout(at::ArrayRef<double> p, size_t G, const at::Tensor& seed_t) {
+    TORCH_CHECK(p.size() == G, "lora_grouped: ", p.size(), " dropout probabilities for ", G, " adapters");
+    bool any = false;
+    for (double q : p) {
+      TORCH_CHECK(q >= 0.0 && q < 1.0, "lora_grouped: dropout_p must be in [0, 1), got ", q);
+      drop.push_back(q > 0.0);
+      thr.push_back(philox::threshold(q));
+      inv_keep.push_back(1.0 / (1.0 - q));
+      any = any || q > 0.0;
+    }
+    if (any) seed = static_cast<uint64_t>(seed_t.item<int64_t>());
+  }
+};
+
+int64_t max_rank(at::TensorList A) {
+  int64_t R = 0;
+  for (const auto& a : A) R = std::max(R, a.size(0));
+  return R;
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_grouped_cpu(const at::Tensor& x_in, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& bias, at::TensorList A_in,
+                                                    at::TensorList B_in, at::ArrayRef<double> scales,
+                                                    const at::Tensor& index_in, at::ArrayRef<double> dropout_p,
+                                                    const at::Tensor& seed) {
+  check(x_in, weight, A_in, B_in, scales, index_in);
+  const Dropout dropout(dropout_p, A_in.size(), seed);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor index = index_in.to(at::kLong).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = static_cast<int64_t>(A_in.size());
+  const int64_t R = max_rank(A_in);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(idx[m] >= -1 && idx[m] < G, "lora_grouped: index[", m, "] = ", idx[m], " is outside [-1, ", G, ")");
+  // B[g] transposed to (r, N), contiguous: the output row pass then runs along N.
+  std::vector<at::Tensor> A(G), Bt(G);
+  for (int64_t g = 0; g < G; ++g) {
+    A[g] = A_in[g].contiguous();
+    Bt[g] = B_in[g].t().contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor h = at::zeros({M, R}, x.options());
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_lora_grouped", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> Ap(G), Btp(G);
+    for (int64_t g = 0; g < G; ++g) {
+      Ap[g] = A[g].data_ptr<scalar_t>();
+      Btp[g] = Bt[g].data_ptr<scalar_t>();
+    }
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + N) * std::max<int64_t>(R, 1)));
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> xrow(K), yrow(N), hrow(std::max<int64_t>(R, 1));
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t g = idx[m];
+        for (int64_t n = 0; n < N; ++n) yrow[n] = bp ? static_cast<acc_t>(bp[n]) : acc_t(0);
+        if (g >= 0) {
+          const int64_t r = A[g].size(0);
+          load_row(xp + m * K, m, K, dropout.seed, dropout.thr[g], static_cast<acc_t>(dropout.inv_keep[g]),
+                   dropout.drop[g], xrow.data());
+          const scalar_t* Ag = Ap[g];
+          const scalar_t* Bg = Btp[g];
+          const acc_t s = static_cast<acc_t>(scales[g]);
+          for (int64_t j = 0; j < r; ++j) {
+            const acc_t hj = dot(Ag + j * K, xrow.data(), K);
+            hp[m * R + j] = static_cast<scalar_t>(hj);
+            // h as stored (rounded to x's dtype) feeds y, as the reference's F.linear chain does.
+            const acc_t c = s * static_cast<acc_t>(static_cast<scalar_t>(hj));
+            const scalar_t* brow = Bg + j * N;
+            for (int64_t n = 0; n < N; ++n) yrow[n] += c * static_cast<acc_t>(brow[n]);
+          }
+        }
+        scalar_t* out = yp + m * N;
+        for (int64_t n = 0; n < N; ++n) out[n] = static_cast<scalar_t>(yrow[n]);
+      }
+    });
+  });
+  // The base GEMM accumulates into y (beta = 1): no output-sized temporary.
+  y.addmm_(x, weight.t());
+  return {y, h};
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> lora_grouped_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight, at::TensorList A_in,
+    at::TensorList B_in, const at::Tensor& h_in, at::ArrayRef<double> scales, const at::Tensor& index_in,
+    at::ArrayRef<double> dropout_p, const at::Tensor& seed, std::array<bool, 3> output_mask) {
+  check(x_in, weight, A_in, B_in, scales, index_in);
+  const Dropout dropout(dropout_p, A_in.size(), seed);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor h = h_in.contiguous();
+  const at::Tensor index = index_in.to(at::kLong).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), G = static_cast<int64_t>(A_in.size());
+  const int64_t R = h.size(1);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const auto [want_x, want_A, want_B] = output_mask;
+  std::vector<at::Tensor> A(G), B(G);
+  for (int64_t g = 0; g < G; ++g) {
+    A[g] = A_in[g].contiguous();
+    B[g] = B_in[g].contiguous();
+  }
+  const uint64_t seed_v = dropout.seed;
+  at::Tensor grad_x = want_x ? at::empty({M, K}, x.options()) : at::Tensor();
+  std::vector<at::Tensor> grad_A, grad_Bt;
+  if (want_A)
+    for (int64_t g = 0; g < G; ++g) grad_A.push_back(at::empty_like(A[g]));
+  if (want_B)
+    for (int64_t g = 0; g < G; ++g) grad_Bt.push_back(at::empty({A[g].size(0), N}, x.options()));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftcore_lora_grouped_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gyp = grad_y.data_ptr<scalar_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    // gh = scale[g] grad_y[m] B[g] (M, R), kept in the opmath type for the parameter pass.
+    std::vector<acc_t> gh(static_cast<size_t>(M * std::max<int64_t>(R, 1)), acc_t(0));
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, (K + N) * std::max<int64_t>(R, 1)));
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+      std::vector<acc_t> gyrow(N), gxrow(K);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t g = idx[m];
+        scalar_t* gx = want_x ? grad_x.data_ptr<scalar_t>() + m * K : nullptr;
+        if (g < 0) {
+          if (gx)
+            for (int64_t k = 0; k < K; ++k) gx[k] = scalar_t(0);
+          continue;
+        }
+        const int64_t r = A[g].size(0);
+        const scalar_t* Bg = B[g].data_ptr<scalar_t>();  // (N, r)
+        const scalar_t* Ag = A[g].data_ptr<scalar_t>();  // (r, K)
+        const acc_t s = static_cast<acc_t>(scales[g]);
+        const bool drop = dropout.drop[g];
+        const uint32_t thr = dropout.thr[g];
+        const acc_t inv_keep = static_cast<acc_t>(dropout.inv_keep[g]);
+        for (int64_t n = 0; n < N; ++n) gyrow[n] = static_cast<acc_t>(gyp[m * N + n]);
+        acc_t* ghm = gh.data() + m * R;
+        for (int64_t j = 0; j < r; ++j) ghm[j] = acc_t(0);
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t gyn = gyrow[n];
+          const scalar_t* brow = Bg + n * r;
+          for (int64_t j = 0; j < r; ++j) ghm[j] += gyn * static_cast<acc_t>(brow[j]);
+        }
+        for (int64_t j = 0; j < r; ++j) ghm[j] *= s;
+        if (!gx) continue;
+        for (int64_t k = 0; k < K; ++k) gxrow[k] = acc_t(0);
+        for (int64_t j = 0; j < r; ++j) {
+          const acc_t c = ghm[j];
+          const scalar_t* arow = Ag + j * K;
+          for (int64_t k = 0; k < K; ++k) gxrow[k] += c * static_cast<acc_t>(arow[k]);
+        }
+        if (drop) {
+          uint32_t block[4];
+          uint64_t current = ~uint64_t{0};
+          const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K);
+          for (int64_t k = 0; k < K; ++k) {
+            const uint64_t o = base + static_cast<uint64_t>(k);
+            if ((o >> 3) != current) {
+              current = o >> 3;
+              philox::block(seed_v, current, block);
+            }
+            gxrow[k] = philox::draw16(block, o) >= thr ? gxrow[k] * inv_keep : acc_t(0);
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) gx[k] = static_cast<scalar_t>(gxrow[k]);
+      }
+    });
+    if (!want_A && !want_B) return;
+    // Parameter gradients: tasks are (adapter, column block) pairs; each sums its adapter's rows
+    // in sorted order, so every element is written by one task in a fixed order.
+    const Groups groups = sort_rows(idx, M, G);
+    constexpr int64_t kCols = 64;
+    const int64_t kblocks = (K + kCols - 1) / kCols, nblocks = (N + kCols - 1) / kCols;
+    const int64_t per_g = (want_A ? kblocks : 0) + (want_B ? nblocks : 0);
+    at::parallel_for(0, G * per_g, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> acc(static_cast<size_t>(std::max<int64_t>(R, 1) * kCols));
+      std::vector<acc_t> xrow(kCols);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t g = t / per_g;
+        int64_t block_id = t % per_g;
+        const int64_t r = A[g].size(0);
+        const bool is_A = want_A && block_id < kblocks;
+        const bool drop = dropout.drop[g];
+        const uint32_t thr = dropout.thr[g];
+        const acc_t inv_keep = static_cast<acc_t>(dropout.inv_keep[g]);
+        if (want_A && !is_A) block_id -= kblocks;
+        const int64_t cols = is_A ? K : N;
+        const int64_t c0 = block_id * kCols, c1 = std::min(cols, c0 + kCols), w = c1 - c0;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t i = groups.offsets[g]; i < groups.offsets[g + 1]; ++i) {
+          const int64_t m = groups.rows[i];
+          if (is_A) {
+            // grad_A[g][j, k] += gh[m, j] * dropout(x)[m, k]
+            const scalar_t* xr = xp + m * K + c0;
+            if (drop) {
+              uint32_t block[4];
+              uint64_t current = ~uint64_t{0};
+              const uint64_t base = static_cast<uint64_t>(m) * static_cast<uint64_t>(K) + static_cast<uint64_t>(c0);
+              for (int64_t k = 0; k < w; ++k) {
+                const uint64_t o = base + static_cast<uint64_t>(k);
+                if ((o >> 3) != current) {
+                  current = o >> 3;
+                  philox::block(seed_v, current, block);
+                }
+                xrow[k] = philox::draw16(block, o) >= thr ? static_cast<acc_t>(xr[k]) * inv_keep : acc_t(0);
+              }
+            } else {
+              for (int64_t k = 0; k < w; ++k) xrow[k] = static_cast<acc_t>(xr[k]);
+            }
+            const acc_t* ghm = gh.data() + m * R;
+            for (int64_t j = 0; j < r; ++j) {
+              const acc_t c = ghm[j];
+              acc_t* a = acc.data() + j * kCols;
+              for (int64_t k = 0; k < w; ++k) a[k] += c * xrow[k];
+            }
+          } else {
+            // grad_B[g][n, j] = scale[g] sum_m grad_y[m, n] h[m, j], accumulated as (r, N)
+            const scalar_t* gyr = gyp + m * N + c0;
+            for (int64_t j = 0; j < r; ++j) {
+              const acc_t c = static_cast<acc_t>(hp[m * R + j]);
+              acc_t* a = acc.data() + j * kCols;
+              for (int64_t n = 0; n < w; ++n) a[n] += c * static_cast<acc_t>(gyr[n]);
+            }
+          }
+        }
+        const acc_t s = is_A ? acc_t(1) : static_cast<acc_t>(scales[g]);
+        scalar_t* out = is_A ? grad_A[g].data_ptr<scalar_t>() : grad_Bt[g].data_ptr<scalar_t>();
+        for (int64_t j = 0; j < r; ++j)
+          for (int64_t c = 0; c < w; ++c) out[j * cols + c0 + c] = static_cast<scalar_t>(s * acc[j * kCols + c]);
+      }
+    });
+  });
+  std::optional<at::Tensor> gx;
+  if (want_x) {
+    grad_x.addmm_(grad_y, weight);  // the base's input gradient, accumulated (beta = 1)
+    gx = grad_x;
+  }
+  std::vector<at::Tensor> grad_B;
+  for (auto& t : grad_Bt) grad_B.push_back(t.t().contiguous());
+  return {gx, grad_A, grad_B};
+}
+
+}  // namespace grouped
+}  // namespace peftcore
+
+// The schemas live here rather than in schemas.cpp so that the op is one file (a fragment of
+// the peftcore namespace); the contract is reference_lora_grouped's docstring.
+TORCH_LIBRARY_FRAGMENT(peftcore, m) {
+  // y (M, N) and h (M, R): h = dropout(x) A[index]^T padded to the largest rank R with zeros,
+  // what autograd saves (with x and the seed) for backward.
+  m.def("lora_grouped(Tensor x, Tensor weight, Tensor? bias, Tensor[] A, Tensor[] B, float[] scales, "
+        "Tensor index, float[] dropout_p, Tensor seed) -> (Tensor, Tensor)");
+  // grad_x (low-rank part masked, plus grad_y W), grad_A[g], grad_B[g]; an output whose
+  // output_mask entry is false is None (grad_x) or an empty list (grad_A, grad_B).
+  m.def("lora_grouped_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor[] A, Tensor[] B, Tensor h, "
+        "float[] scales, Tensor index, float[] dropout_p, Tensor seed, bool[3] output_mask) "
+        "-> (Tensor?, Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(peftcore, CPU, m) {
+  m.impl("lora_grouped", &peftcore::grouped::lora_grouped_cpu);
+  m.impl("lora_grouped_backward", &peftcore::grouped::lora_grouped_backward_cpu);
+}
