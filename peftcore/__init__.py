@@ -23,10 +23,12 @@ from peftcore.errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from peftcore.hotswap import hotswap
 from peftcore.lifecycle import activate, adapters, delete, disabled, merge, unmerge, unwrap, wrap
 from peftcore.ops.dispatch import backends
 from peftcore.persistence import load, save
 from peftcore.registry import methods, register_kernel, register_layer, register_method
+from peftcore.routing import route
 from peftcore.summary import summary
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "adapters",
     "activate",
     "delete",
+    "route",
+    "hotswap",
     "save",
     "load",
     "summary",

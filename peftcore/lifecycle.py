@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from peftcore import registry, targeting
+from peftcore import registry, routing, targeting
 from peftcore.errors import AdapterNotFoundError, AdapterStateError, ConfigError, PeftcoreError, TargetError
 from peftcore.integrations import transformers as hf_integration
 
@@ -278,6 +278,7 @@ def attach(model: nn.Module, method: Any, name: str, config: Any, paths: list[st
             state = PeftState({}, [], {n: p.requires_grad for n, p in model.named_parameters()})
             model.__dict__[STATE_ATTR] = state
             hf_integration.install(model)  # its save_pretrained (and Trainer's saves) write the adapter too
+            routing.install(model)  # model(..., adapter_names=[...]) routes per example
         before = {id(m) for m in model.modules()}
         method.attach(model, name, config, paths)
         match_training_mode(model, before)
@@ -508,6 +509,7 @@ def unwrap(model: nn.Module, merge: bool = False) -> nn.Module:
                 param.requires_grad_(state.base_requires_grad.get(param_name, param.requires_grad))
             del model.__dict__[STATE_ATTR]
             hf_integration.uninstall(model)
+            routing.uninstall(model)
     except BaseException:
         _fold(model, state, folded, not merging)
         raise

@@ -92,6 +92,12 @@ class AdapterLayer(nn.Module):
     """
 
     method: ClassVar[str] = ""
+    #: Whether forward honours :attr:`routing` (per-example adapters, :mod:`peftcore.routing`).
+    #: A layer class that does reads ``self.routing`` (``None`` outside a routed call) and gives
+    #: each example its adapter; layers that do not are refused by ``peftcore.route``.
+    supports_routing: ClassVar[bool] = False
+    #: The :class:`peftcore.routing.Routing` of the call in progress, set by ``peftcore.route``.
+    routing: Any = None
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

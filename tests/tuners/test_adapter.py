@@ -37,7 +37,14 @@ def _layers(model):
 
 
 def _hook_count(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    """Hooks on the model's modules, but for the two of every wrapped model (peftcore.routing's
+    adapter_names hooks)."""
+    from peftcore import routing
+
+    ours = (routing._pre_hook, routing._post_hook)
+    return sum(
+        sum(h not in ours for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())) for m in model.modules()
+    )
 
 
 def _delta(block, x, cfg):

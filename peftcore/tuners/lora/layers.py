@@ -25,6 +25,7 @@ from torch import nn
 
 from peftcore.errors import AdapterStateError, ConfigError, PeftcoreError
 from peftcore.tuners.base import AdapterLayer
+from peftcore.tuners.lora import routed
 from peftcore.tuners.lora.config import LoraConfig
 from peftcore.tuners.modules import Handler, is_conv, is_hf_conv1d, is_linear, plain_subclass
 from peftcore.ops import dispatch, philox
@@ -56,6 +57,7 @@ class LoraLayer(AdapterLayer):
     """
 
     method = "lora"
+    supports_routing = True  # per-example adapters: peftcore/tuners/lora/routed.py
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -259,6 +261,8 @@ class LoraLinear(LoraLayer):
             pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:  # one adapter per example: the grouped op
+            return routed.linear_forward(self, x, self.routing)
         running = self.running_adapters()
         if not running:
             return self.base_layer(x)
@@ -315,6 +319,8 @@ class LoraEmbedding(LoraLayer):
         return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return routed.looped_forward(self, ids, self.routing)
         y = self.base_layer(ids)
         for name in self.running_adapters():
             cfg = self.lora_config[name]
@@ -340,6 +346,8 @@ class LoraConv(LoraLayer):
         return fn(x, weight, None, stride, padding, dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return routed.looped_forward(self, x, self.routing)
         y = self.base_layer(x)
         base = self.base_layer
         for name in self.running_adapters():
