@@ -81,8 +81,12 @@ FORMATS = ("peft", "peftcore")
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, format: str | None = None) -> Path:
     """Writes one adapter (and its ``trainable=`` modules) to a directory; never the frozen base.
 
+    Under a ``torch.distributed`` process group of several ranks, only global rank 0 writes (the
+    others return the path); tensors sharded by FSDP2 are gathered first, which is a collective,
+    so a sharded model is saved by calling this on every rank (docs/distributed.md).
+
     Args:
-        model: a wrapped model.
+        model: a wrapped model (for DDP, its ``.module``).
         path: the directory to write. An existing peftcore adapter directory is replaced
             atomically; any other existing non-empty directory or file is an error.
         name: which adapter; optional when the model holds one adapter or one active adapter.
