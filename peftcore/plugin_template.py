@@ -1,0 +1,449 @@
+"""``peftcore new-plugin``: writes a pip-installable plugin package to start from.
+
+Three kinds, one per entry-point group (see docs/plugins.md):
+
+* ``method``: a new adapter method (``peftcore.methods`` + its layer handler in ``peftcore.layers``),
+  tested with :func:`peftcore.testing.check_method`;
+* ``layers``: LoRA on a module type peftcore does not know (``peftcore.layers``, ``lora.<name>``),
+  tested with ``check_method("lora", ...)``;
+* ``kernel``: a backend of the ``lora_linear`` op (``peftcore.kernels``, ``lora_linear.<name>``),
+  tested with :func:`peftcore.testing.check_kernel`.
+
+Each package has a ``pyproject.toml`` with its entry points, the module, a README, tests, and a
+GitHub Actions workflow that runs them against the peftcore releases of each plugin API version
+it declares. Its tests pass right after ``pip install --no-build-isolation -e <dir>``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+import string
+from pathlib import Path
+
+from peftcore.errors import ConfigError
+
+KINDS = ("method", "layers", "kernel")
+
+
+def new_plugin(name: str, kind: str, out: str | Path | None = None) -> Path:
+    """Writes the package ``peftcore-<name>`` for a plugin of ``kind``.
+
+    Args:
+        name: the plugin's name, lowercase letters, digits and underscores (``"bitfit"``): the
+            method name (``method``), the handler name ``lora.<name>`` (``layers``) or the backend
+            name ``lora_linear.<name>`` (``kernel``). The distribution is ``peftcore-<name>``
+            (underscores as dashes), the module ``peftcore_<name>``.
+        kind: ``"method"``, ``"layers"`` or ``"kernel"``.
+        out: the directory to create (default: ``./peftcore-<name>``); it must not exist or be empty.
+
+    Returns:
+        The package directory.
+
+    Raises:
+        ConfigError: a bad name or kind, or ``out`` exists and is not empty.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"new-plugin: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name or "") or keyword.iskeyword(name):
+        raise ConfigError(f"new-plugin: the name {name!r} must be lowercase letters, digits and underscores, "
+                          "starting with a letter (e.g. 'bitfit')")
+    from peftcore import __version__
+    from peftcore.plugin import API_VERSION
+
+    dist = "peftcore-" + name.replace("_", "-")
+    target = Path(out) if out is not None else Path.cwd() / dist
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"new-plugin: {target} exists and is not an empty directory; choose another --out")
+    fields = {
+        "name": name,
+        "Name": "".join(part.capitalize() for part in name.split("_")),
+        "dist": dist,
+        "module": f"peftcore_{name}",
+        "kind": kind,
+        "api": str(API_VERSION),
+        "peftcore_version": __version__,
+        "peftcore_minor": ".".join(__version__.split(".")[:2]),
+    }
+    files = {
+        "pyproject.toml": _PYPROJECT + _ENTRY_POINTS[kind],
+        "README.md": _README + _README_KIND[kind],
+        "src/{module}/__init__.py": _MODULES[kind],
+        "tests/test_{name}.py": _TESTS[kind],
+        ".github/workflows/tests.yml": _WORKFLOW,
+    }
+    for rel, text in files.items():
+        path = target / rel.format(**fields)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(string.Template(text).substitute(fields), encoding="utf-8")
+    return target
+
+
+# The templates below are string.Template texts: $name, $Name, $dist, $module, $api,
+# $peftcore_version, $peftcore_minor ($$ is a literal dollar).
+
+_PYPROJECT = '''\
+[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "$dist"
+version = "0.1.0"
+description = "A peftcore $kind plugin: $name"
+readme = "README.md"
+requires-python = ">=3.10"
+# peftcore brings torch; this plugin is built for peftcore plugin API $api
+# (peftcore.plugin.API_VERSION), first shipped in peftcore $peftcore_minor.
+dependencies = ["peftcore>=$peftcore_minor", "torch>=2.1"]
+
+[project.optional-dependencies]
+test = ["pytest>=7", "transformers"]
+
+[tool.setuptools.packages.find]
+where = ["src"]
+
+[tool.pytest.ini_options]
+testpaths = ["tests"]
+addopts = "-ra --import-mode=importlib -p no:cacheprovider"
+
+# How peftcore finds this package (docs/plugins.md, "Writing plugins"):
+'''
+
+_ENTRY_POINTS = {
+    "method": '''\
+[project.entry-points."peftcore.methods"]
+$name = "$module:${Name}Method"
+
+[project.entry-points."peftcore.layers"]
+"$name.linear" = "$module:LINEAR"
+''',
+    "layers": '''\
+[project.entry-points."peftcore.layers"]
+"lora.$name" = "$module:HANDLER"
+''',
+    "kernel": '''\
+[project.entry-points."peftcore.kernels"]
+"lora_linear.$name" = "$module:KERNEL"
+''',
+}
+
+_README = '''\
+# $dist
+
+A peftcore plugin ($kind), generated by `peftcore new-plugin $name --kind $kind`.
+
+```bash
+pip install --no-build-isolation -e .     # builds against the torch and peftcore you have
+python -m pytest tests
+```
+
+The tests use peftcore's conformance kit (`peftcore.testing`). `.github/workflows/tests.yml`
+runs them against the peftcore releases of each plugin API version the package declares
+(`peftcore_api = $api` on its entry objects); when peftcore's plugin API version goes up, test
+against the new releases, then declare `peftcore_api = ($api, <new>)`.
+
+'''
+
+_README_KIND = {
+    "method": '''\
+## What it does
+
+`$name` adds a learned vector to the output of every linear layer that has a bias (starting at
+zero, so the wrapped model equals the base model), and merges by adding it to the bias:
+
+```python
+import peftcore
+peftcore.wrap(model, "$name")
+```
+
+Edit `${Name}Layer` (the computation), `${Name}Config` (the options) and `${Name}Method`.
+''',
+    "layers": '''\
+## What it does
+
+Teaches peftcore's LoRA a module type it does not know: `${Name}Linear`, a linear layer that is
+not an `nn.Linear`. Replace it by the module class of your library; `${Name}LoraLayer` reads the
+weight through `weight_for_op()` (shape `(out, in)`) and the bias from `base_layer.bias`.
+
+```python
+import peftcore
+peftcore.wrap(model, "lora", rank=8)   # now also wraps ${Name}Linear modules
+```
+''',
+    "kernel": '''\
+## What it does
+
+A `lora_linear` backend named `$name` (pure PyTorch, a starting point for a faster kernel):
+
+```python
+import peftcore
+peftcore.wrap(model, "lora", rank=8, backend="$name")
+print(peftcore.backends())
+```
+
+The kernel contract is in docs/plugins.md ("Kernel objects"); `check_kernel("lora_linear", "$name")`
+checks it.
+''',
+}
+
+_MODULES = {
+    "method": '''\
+"""$dist: a learned output shift for linear layers, as a peftcore method."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcore.tuners.base import AdapterLayer, LayerMethod
+from peftcore.tuners.modules import Handler, is_linear
+
+
+@dataclasses.dataclass
+class ${Name}Config:
+    """Options of a $name adapter (none yet; __post_init__ would raise peftcore.ConfigError on bad ones)."""
+
+
+class ${Name}Layer(AdapterLayer):
+    """Stands in for an ``nn.Linear``: ``y = base(x) + shift``; the original is ``base_layer``."""
+
+    method = "$name"  # must equal the method's name: the method finds its layers by it
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__(base_layer)
+        self.shift = nn.ParameterDict()  # adapter name -> (out,)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.shift.keys())
+
+    def add_adapter(self, name: str, config: Any) -> None:
+        self.shift[name] = nn.Parameter(torch.zeros_like(self.base_layer.bias))  # zero: the base at init
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.merged_adapters.remove(name)  # a merged shift stays in the bias
+        del self.shift[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"shift": self.shift[name]}  # saved as "<module path>.shift"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (*, out)
+        for name in self.running_adapters():  # active, enabled and not merged
+            y = y + self.shift[name]
+        return y
+
+    def merge(self, name: str) -> None:
+        with torch.no_grad():
+            self.base_layer.bias.add_(self.shift[name])
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        with torch.no_grad():
+            self.base_layer.bias.sub_(self.shift[name])
+        self.merged_adapters.remove(name)
+
+
+LINEAR = Handler("torch.nn.Linear with a bias", lambda m: is_linear(m) and m.bias is not None, ${Name}Layer,
+                 method="$name", linear_like=True)
+
+
+class ${Name}Method(LayerMethod):
+    """The method: targets, attach, save, merge... come from LayerMethod."""
+
+    peftcore_api = $api
+
+    def __init__(self) -> None:
+        super().__init__(name="$name", config_class=${Name}Config, merges=True, identity_at_init=True)
+''',
+    "layers": '''\
+"""$dist: LoRA for ``${Name}Linear``, a linear module type peftcore does not know."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftcore.tuners.lora.layers import LoraLinear
+from peftcore.tuners.modules import Handler
+
+
+class ${Name}Linear(nn.Module):
+    """Stands for your library's module: a linear layer that is not an ``nn.Linear``."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)  # (out, in)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ${Name}LoraLayer(LoraLinear):
+    """LoRA on ``${Name}Linear`` through peftcore's ``lora_linear`` op.
+
+    ``weight_for_op`` gives the base weight as ``(out, in)``; override ``base_weight`` too if your
+    module stores it otherwise (``factor_shapes`` and merging read it).
+    """
+
+    def weight_for_op(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+
+HANDLER = Handler("$module.${Name}Linear", lambda m: type(m) is ${Name}Linear, ${Name}LoraLayer,
+                  method="lora", linear_like=True, priority=1)
+''',
+    "kernel": '''\
+"""$dist: a ``lora_linear`` backend named ``$name`` (pure PyTorch; a starting point)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from peftcore.ops import philox
+
+
+def ${name}_lora_linear(x, weight, bias, A, B, scale, dropout_p=0.0, seed=0):
+    """``y = x W^T + b + scale * dropout(x) A^T B^T``.
+
+    Args:
+        x: ``(M, K)`` (peftcore flattens the leading dimensions; any strides).
+        weight: ``(N, K)``, any strides; bias: ``(N,)`` or None; A: ``(r, K)``; B: ``(N, r)``.
+        scale: multiplier of the low-rank path; dropout_p: in [0, 1).
+        seed: a 0-dim int64 tensor (``seed_tensor = True``): the mask is
+            ``philox.keep_mask(seed, x.shape, dropout_p)``, bit for bit.
+
+    Returns:
+        ``(M, N)``. Autograd is the kernel's job: here torch's own, through ordinary ops.
+    """
+    y = F.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        keep = philox.keep_mask(seed, x.shape, dropout_p, x.device)
+        x = x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+    return y + scale * F.linear(F.linear(x, A), B)
+
+
+class ${Name}Kernel:
+    """The kernel object (entry point ``lora_linear.$name``)."""
+
+    op = "lora_linear"
+    backend = "$name"
+    devices = ("cpu", "cuda")
+    priority = -1  # below the reference (0): runs only when asked for by name
+    seed_tensor = True
+    peftcore_api = $api
+    hint = ""
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def __call__(self, x, weight, bias, A, B, scale, dropout_p=0.0, seed=0) -> torch.Tensor:
+        return ${name}_lora_linear(x, weight, bias, A, B, scale, dropout_p, seed)
+
+
+KERNEL = ${Name}Kernel()
+''',
+}
+
+_TESTS = {
+    "method": '''\
+import peftcore
+from peftcore.testing import CHECKS, check_method, tiny_model
+
+
+def test_${name}_is_found_through_its_entry_point():
+    assert peftcore.methods()["$name"].distribution == "$dist"
+
+
+def test_${name}_passes_the_conformance_kit():
+    report = check_method("$name", lambda: tiny_model("bert"))
+    assert report.passed == list(CHECKS), str(report)
+''',
+    "layers": '''\
+import torch
+from torch import nn
+
+import peftcore
+from peftcore.testing import CHECKS, check_method
+from $module import ${Name}Linear, ${Name}LoraLayer
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = ${Name}Linear(16, 32), ${Name}Linear(32, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def model():
+    torch.manual_seed(0)
+    return Model()
+
+
+def inputs():
+    return torch.randn(4, 16)  # the kit calls this once
+
+
+def test_lora_wraps_the_new_module_type():
+    wrapped = peftcore.wrap(model(), "lora", rank=2, targets=["up", "down"])
+    assert isinstance(wrapped.up, ${Name}LoraLayer)
+    assert peftcore.registry.layers()["lora.$name"].distribution == "$dist"
+
+
+def test_lora_on_the_new_module_type_passes_the_conformance_kit():
+    report = check_method("lora", model, inputs_factory=inputs, targets=["up", "down"], rank=2)
+    assert report.passed == list(CHECKS), str(report)
+''',
+    "kernel": '''\
+import torch
+
+import peftcore
+from peftcore.testing import KERNEL_CHECKS, check_kernel
+
+
+def test_the_backend_is_listed():
+    assert any(s.backend == "$name" and s.available for s in peftcore.backends("lora_linear"))
+
+
+def test_the_kernel_passes_check_kernel():
+    report = check_kernel("lora_linear", "$name", dtypes=[torch.float32])  # add bfloat16, float64, ... as you support them
+    assert set(report.passed) == set(KERNEL_CHECKS) - set(report.skipped), str(report)
+''',
+}
+
+_WORKFLOW = '''\
+# Runs the tests against the peftcore releases of each plugin API version this package declares
+# (peftcore_api = $api): add a row when it declares another one.
+name: tests
+on: [push, pull_request]
+jobs:
+  test:
+    runs-on: ubuntu-latest
+    strategy:
+      fail-fast: false
+      matrix:
+        python: ["3.10", "3.12"]
+        peftcore:
+          - "peftcore~=$peftcore_minor.0"   # plugin API $api, the release this package was generated with
+          - "peftcore"                      # the newest release (fails once it drops API $api)
+    steps:
+      - uses: actions/checkout@v4
+      - uses: actions/setup-python@v5
+        with:
+          python-version: $${{ matrix.python }}
+      - run: pip install torch --index-url https://download.pytorch.org/whl/cpu
+      - run: pip install "$${{ matrix.peftcore }}" -e ".[test]"
+      - run: python -c "import peftcore.plugin as p; print('peftcore plugin API', p.API_VERSION, sorted(p.SUPPORTED_API_VERSIONS))"
+      - run: python -m pytest tests
+'''
