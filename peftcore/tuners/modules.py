@@ -57,6 +57,8 @@ class Handler:
         method: the method it serves, e.g. ``"lora"``.
         linear_like: whether these modules count as linear layers (default targets, ``"all-linear"``).
         priority: handlers with a higher priority are asked first.
+        peftcore_api: the plugin API version(s) the handler was built for (default 1, the
+            version of the release that defined ``Handler``; an int or a tuple of ints).
     """
 
     kind: str
