@@ -241,6 +241,10 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
         if distributed.world()[1] > 1:
             raise ConfigError("--few-shot runs in one process; drop --nproc")
         return run_few_shot(config, log)
+    from peftcore.train.images import is_image_dir, run_images
+
+    if is_image_dir(config.data):  # an ImageFolder tree: image classification
+        return run_images(config, log)
     start = time.perf_counter()
     seed_everything(config.seed)
     train_data, val_data = load_data(config)
