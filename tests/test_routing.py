@@ -158,6 +158,17 @@ def test_methods_that_cannot_route_are_refused():
     model(**inputs, adapter_names=["a", BASE])
 
 
+def test_bottleneck_adapters_are_refused():
+    model = gpt2()
+    peftcore.wrap(model, "lora", name="a", rank=2, targets=["c_attn"])
+    peftcore.wrap(model, "adapter", name="bn", size=4)
+    inputs = token_inputs(batch=2)
+    with pytest.raises(ConfigError, match="'bn' uses 'adapter'"):
+        model(**inputs, adapter_names=["a", "bn"])
+    with pytest.raises(ConfigError, match="'bn' .* is active"):
+        model(**inputs, adapter_names=["a", BASE])
+
+
 def test_unwrap_removes_the_keyword():
     model = _two_adapters(gpt2())
     peftcore.unwrap(model)
