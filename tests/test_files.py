@@ -120,9 +120,10 @@ def _child(work) -> int:
 
 
 def _killed_at_line(k: int, model, path: Path) -> bool:
-    """Runs ``save(model, path)`` in a child killed with SIGKILL at its k-th executed line of peftcore's
-    save code (peftcore/persistence.py and peftcore/files.py). Returns whether the kill happened."""
-    watched = {str(Path(files.__file__)), str(Path(peftcore.persistence.__file__))}
+    """Runs ``save(model, path)`` in a child killed with SIGKILL at its k-th executed line of
+    peftcore/files.py, where every write, flush and rename of a save happens (what persistence.py
+    does before is in memory). Returns whether the kill happened."""
+    watched = {str(Path(files.__file__))}
 
     def work():
         count = [0]
@@ -171,7 +172,7 @@ def test_sigkill_at_every_line_of_a_save_leaves_the_old_or_the_new_adapter(tmp_p
             outcomes.add(_assert_whole(path, {1.0, 2.0}))
         if not path.is_dir() or _generation_at(path) == 2.0:
             peftcore.save(_generation(1.0), path)  # back to the old one for the next kill point
-    assert kills >= 50 if exchange else kills >= 20, kills
+    assert kills >= 40 if exchange else kills >= 20, kills
     assert outcomes == {1.0, 2.0}  # kills landed both before and after the swap
     assert _generation_at(path) == 2.0  # the uninterrupted save at the end
     peftcore.save(new, path)
@@ -183,6 +184,10 @@ def test_sigkill_at_random_times_during_repeated_saves(tmp_path):
     path = tmp_path / "a"
     peftcore.save(_generation(0.0), path)
     models = [_generation(float(g)) for g in range(1, 6)]
+    start = time.perf_counter()
+    for model in models:
+        peftcore.save(model, path)
+    per_save = (time.perf_counter() - start) / len(models)  # under this machine's load right now
     rng = random.Random(0)
     seen = set()
     for _ in range(30):
@@ -191,7 +196,7 @@ def test_sigkill_at_random_times_during_repeated_saves(tmp_path):
                 peftcore.save(model, path)
 
         pid = _child(work)
-        time.sleep(rng.uniform(0.0, 0.05))
+        time.sleep(rng.uniform(0.0, 4 * per_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         seen.add(_assert_whole(path, {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}))
