@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import warnings
 from pathlib import Path
 
@@ -15,58 +13,14 @@ import peftcore
 from peftcore import lifecycle
 from models import gpt2, llama, minilm, minilm_inputs, output_of, token_inputs
 from peftcore.errors import CheckpointError
+from peft_dirs import load_peft_dir, read_dir, save_native, save_peft_dir
 from peftcore.formats import peft_ia3
-from peftcore.formats import peft as peft_format
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("peftcore_ia3")
 
 DECODERS = {"gpt2": gpt2, "llama": llama}
 TOL = {"rtol": 0, "atol": 1e-5}
-
-
-# -- files: the public API, or, where it does not speak PEFT's format yet, peftcore.formats.peft ------
-def _read(directory: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    return json.loads((directory / "adapter_config.json").read_text()), load_file(str(directory / "adapter_model.safetensors"))
-
-
-def _write(directory: Path, config: dict, tensors: dict) -> Path:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
-    return directory
-
-
-def _public_api() -> bool:
-    """Whether peftcore.save/load speak PEFT's format (``save(..., format=)``) in this checkout."""
-    return "format" in inspect.signature(peftcore.save).parameters
-
-
-def load_peft_dir(model, directory: Path, tmp: Path):
-    """``peftcore.load`` of a PEFT directory (before the public API read PEFT's format: converted, then loaded)."""
-    if _public_api():
-        return peftcore.load(model, directory)
-    config, tensors = _read(directory)
-    native, native_tensors = peft_format.to_native(model, config, tensors, str(directory))
-    native_dir = _write(tmp / f"native-{directory.name}", {"format": "peftcore-adapter", "format_version": 1, **native},
-                        native_tensors)
-    return peftcore.load(model, native_dir)
-
-
-def save_native(model, directory: Path) -> Path:
-    return peftcore.save(model, directory, format="peftcore") if _public_api() else peftcore.save(model, directory)
-
-
-def save_peft_dir(model, directory: Path, tmp: Path) -> Path:
-    """``peftcore.save(model, directory, format="peft")`` (before the public API wrote it: saved natively, converted)."""
-    if _public_api():
-        return peftcore.save(model, directory, format="peft")
-    config, tensors = _read(save_native(model, tmp / f"native-{directory.name}"))
-    return _write(directory, *peft_format.from_native(model, config, tensors))
 
 
 def peft_outputs(base, directory: Path, inputs: dict) -> torch.Tensor:
@@ -154,7 +108,7 @@ def test_peftcore_to_peft_and_back_same_outputs(family, tmp_path):
     inputs = token_inputs()
     ours = output_of(model, inputs)
     directory = save_peft_dir(model, tmp_path / "peft", tmp_path)
-    config, tensors = _read(directory)
+    config, tensors = read_dir(directory)
     assert config["peft_type"] == "IA3" and config["task_type"] == "CAUSAL_LM"
     assert all(k.startswith("base_model.model.") and k.endswith(".ia3_l") for k in tensors)
     torch.testing.assert_close(peft_outputs(base, directory, inputs), ours, **TOL)
@@ -177,7 +131,7 @@ def test_peftcore_to_peft_with_a_trainable_head(tmp_path):
     inputs = token_inputs()
     ours = output_of(model, inputs)
     directory = save_peft_dir(model, tmp_path / "peft", tmp_path)
-    config, tensors = _read(directory)
+    config, tensors = read_dir(directory)
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
     assert "base_model.model.score.weight" in tensors
     torch.testing.assert_close(peft_outputs(base, directory, inputs), ours, **TOL)
@@ -188,7 +142,7 @@ def test_peftcore_to_peft_with_a_trainable_head(tmp_path):
 # -- what is refused ------------------------------------------------------------------------------------
 def test_unknown_options_and_misfits_are_refused_without_touching_the_model(tmp_path):
     base = gpt2()
-    config, tensors = _read(peft_ia3_dir(base, tmp_path / "peft", task_type="CAUSAL_LM"))
+    config, tensors = read_dir(peft_ia3_dir(base, tmp_path / "peft", task_type="CAUSAL_LM"))
     keys = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"sets 'use_magic' = True, which peftcore does not implement.*target_modules"):
         peft_ia3.to_native(base, {**config, "use_magic": True}, tensors, "src")
@@ -208,16 +162,16 @@ def test_without_a_model_the_same_conversion_or_a_clear_error(tmp_path):
     """``peftcore convert`` has no model: the keys and shapes say what the model would."""
     for make in (gpt2, llama):
         base = make()
-        config, tensors = _read(peft_ia3_dir(base, tmp_path / make.__name__, task_type="CAUSAL_LM"))
+        config, tensors = read_dir(peft_ia3_dir(base, tmp_path / make.__name__, task_type="CAUSAL_LM"))
         with_model, with_model_tensors = peft_ia3.to_native(base, config, tensors, "src")
         without, without_tensors = peft_ia3.to_native(None, config, tensors, "src")
         assert without == with_model and without_tensors.keys() == with_model_tensors.keys()
     model = peftcore.wrap(llama(), "ia3")
     native = save_native(model, tmp_path / "native")
-    config, tensors = _read(native)
+    config, tensors = read_dir(native)
     written, written_tensors = peft_ia3.from_native(None, config, tensors)
     expected, expected_tensors = peft_ia3.from_native(model, config, tensors)
     assert written == expected and all(torch.equal(written_tensors[k], v) for k, v in expected_tensors.items())
     gpt2_native = save_native(peftcore.wrap(gpt2(), "ia3"), tmp_path / "gpt2-native")
     with pytest.raises(CheckpointError, match="'transformer.h.0.attn.c_attn'.*needs the model.*query third"):
-        peft_ia3.from_native(None, *_read(gpt2_native))
+        peft_ia3.from_native(None, *read_dir(gpt2_native))

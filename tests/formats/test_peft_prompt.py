@@ -8,8 +8,6 @@ so whole logits are compared, with and without left padding.
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import warnings
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import peftcore
 from models import gpt2, llama, minilm, minilm_inputs, output_of, perturb, token_inputs
 from peftcore import lifecycle
 from peftcore.errors import CheckpointError
+from peft_dirs import load_peft_dir, read_dir, save_native, save_peft_dir
 from peftcore.formats import peft_prompt
-from peftcore.formats import peft as peft_format
 
 peft = pytest.importorskip("peft")
 
@@ -29,50 +27,6 @@ DECODERS = {"gpt2": gpt2, "llama": llama}
 TOL = {"rtol": 0, "atol": 1e-5}
 PADDED = {"input_ids": token_inputs()["input_ids"], "attention_mask": torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])}
 CASES = {"plain": token_inputs(), "left-padded": PADDED, "no mask": {"input_ids": token_inputs()["input_ids"]}}
-
-
-# -- files: the public API, or, where it does not speak PEFT's format yet, peftcore.formats.peft ------
-def _read(directory: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    return json.loads((directory / "adapter_config.json").read_text()), load_file(str(directory / "adapter_model.safetensors"))
-
-
-def _write(directory: Path, config: dict, tensors: dict) -> Path:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
-    return directory
-
-
-def _public_api() -> bool:
-    """Whether peftcore.save/load speak PEFT's format (``save(..., format=)``) in this checkout."""
-    return "format" in inspect.signature(peftcore.save).parameters
-
-
-def load_peft_dir(model, directory: Path, tmp: Path):
-    """``peftcore.load`` of a PEFT directory (before the public API read PEFT's format: converted, then loaded)."""
-    if _public_api():
-        return peftcore.load(model, directory)
-    config, tensors = _read(directory)
-    native, native_tensors = peft_format.to_native(model, config, tensors, str(directory))
-    native_dir = _write(tmp / f"native-{directory.name}", {"format": "peftcore-adapter", "format_version": 1, **native},
-                        native_tensors)
-    return peftcore.load(model, native_dir)
-
-
-def save_native(model, directory: Path) -> Path:
-    return peftcore.save(model, directory, format="peftcore") if _public_api() else peftcore.save(model, directory)
-
-
-def save_peft_dir(model, directory: Path, tmp: Path) -> Path:
-    """``peftcore.save(model, directory, format="peft")`` (before the public API wrote it: saved natively, converted)."""
-    if _public_api():
-        return peftcore.save(model, directory, format="peft")
-    config, tensors = _read(save_native(model, tmp / f"native-{directory.name}"))
-    return _write(directory, *peft_format.from_native(model, config, tensors))
 
 
 def peft_model(base, directory: Path):
@@ -180,7 +134,7 @@ def test_peftcore_to_peft_and_back_same_outputs(family, kind, tmp_path):
     model = peftcore.wrap(copy.deepcopy(base), method, **options)
     perturb(getattr(model, f"peftcore_{method}"), scale=1.0)
     directory = save_peft_dir(model, tmp_path / "peft", tmp_path)
-    config, tensors = _read(directory)
+    config, tensors = read_dir(directory)
     assert config["peft_type"] == ("PROMPT_TUNING" if method == "prompt" else "PREFIX_TUNING")
     assert config["task_type"] == "CAUSAL_LM" and list(tensors) == ["prompt_embeddings"]
     if method == "prefix":
@@ -204,7 +158,7 @@ def test_peftcore_prompt_on_a_classifier_with_a_trainable_head_to_peft(tmp_path)
     with torch.no_grad():
         model.score.weight.mul_(2.0)
     directory = save_peft_dir(model, tmp_path / "peft", tmp_path)
-    config, tensors = _read(directory)
+    config, tensors = read_dir(directory)
     assert config["task_type"] == "SEQ_CLS" and sorted(tensors) == ["base_model.score.weight", "prompt_embeddings"]
     assert_same_outputs(peft_model(base, directory), model, {"plain": token_inputs()})
     again = load_peft_dir(copy.deepcopy(base), directory, tmp_path / "again")
@@ -227,7 +181,7 @@ def test_a_prefix_with_unshifted_positions_differs_from_peft_and_is_not_written(
 # -- what is refused ------------------------------------------------------------------------------------
 def test_unsupported_options_and_misfits_are_refused_without_touching_the_model(tmp_path):
     base = llama()
-    config, tensors = _read(peft_dir(base, tmp_path / "peft", PEFT_CONFIGS["prefix"]()))
+    config, tensors = read_dir(peft_dir(base, tmp_path / "peft", PEFT_CONFIGS["prefix"]()))
     keys = {k: v.clone() for k, v in base.state_dict().items()}
     with pytest.raises(CheckpointError, match="task_type 'SEQ_2_SEQ_LM' is not supported.*CAUSAL_LM, SEQ_CLS"):
         peft_prompt.to_native(base, {**config, "task_type": "SEQ_2_SEQ_LM"}, tensors, "src")
@@ -271,7 +225,7 @@ def test_the_initialisation_is_recorded_without_needing_a_tokenizer():
 def test_writing_needs_no_model_and_reading_names_why_it_does(kind, tmp_path):
     method, options = NATIVE[kind]
     model = peftcore.wrap(llama(), method, **options)
-    config, tensors = _read(save_native(model, tmp_path / "native"))
+    config, tensors = read_dir(save_native(model, tmp_path / "native"))
     written, written_tensors = peft_prompt.from_native(None, config, tensors)
     expected, expected_tensors = peft_prompt.from_native(model, config, tensors)
     if method == "prompt":  # PEFT fills these in from the model when they are None
