@@ -28,6 +28,7 @@ ENTRY_POINTS = {
         "lora_grouped.reference = peftcore.ops.lora_grouped:REFERENCE",
         "lora_grouped.cpp = peftcore.ops.lora_grouped_cpp:CPP",
         "lora_grouped.triton = peftcore.ops.lora_grouped_triton:TRITON",
+        "lora_grouped.cuda = peftcore.ops.lora_grouped_cuda:CUDA",
         "bottleneck.reference = peftcore.ops.bottleneck:REFERENCE",
         "bottleneck.cpp = peftcore.ops.bottleneck_cpp:CPP",
         "bottleneck.triton = peftcore.ops.bottleneck_triton:TRITON",
