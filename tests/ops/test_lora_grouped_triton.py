@@ -77,6 +77,7 @@ def test_triton_matches_reference(dtype, dropout):
             assert ((g_.double() - w_).abs().max() / scale).item() <= TOLERANCE[dtype], i
 
 
+@pytest.mark.slow  # about 10 s: a subprocess and Triton's interpreter
 @pytest.mark.skipif(INTERPRET or not HAS_TRITON, reason="the parent run starts the interpreter run")
 def test_kernels_in_the_interpreter(request):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
