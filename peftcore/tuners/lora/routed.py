@@ -33,14 +33,19 @@ def _kernels(layer: nn.Module) -> dispatch.KernelCache:
     return cache
 
 
-def _backend(configs: list[Any]) -> str | None:
-    """The adapters' common backend if ``lora_grouped`` has it, else auto (e.g. ``cuda``, which
-    only ``lora_linear`` has)."""
+def _backend(configs: list[Any], routing: Any) -> str | None:
+    """The adapters' common backend if ``lora_grouped`` has it, else auto (a kernel plugin's
+    backend of ``lora_linear`` only). The names are looked up once per routed call."""
     chosen = {c.backend for c in configs}
     if len(chosen) != 1:
         return None
     backend = chosen.pop()
-    return backend if backend in dispatch.known_backends(OP) else None
+    if backend == dispatch.AUTO:
+        return None
+    known = routing.__dict__.get("_grouped_backends")
+    if known is None:
+        known = routing.__dict__["_grouped_backends"] = frozenset(dispatch.known_backends(OP))
+    return backend if backend in known else None
 
 
 def linear_forward(layer: Any, x: torch.Tensor, routing: Any) -> torch.Tensor:
@@ -52,7 +57,7 @@ def linear_forward(layer: Any, x: torch.Tensor, routing: Any) -> torch.Tensor:
     return lora_grouped(
         x, layer._weight_for_op(), layer.base_layer.bias,
         [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names], [c.scale for c in configs],
-        index, ps, seed, backend=_backend(configs), cache=_kernels(layer),
+        index, ps, seed, backend=_backend(configs, routing), cache=_kernels(layer),
     )
 
 
