@@ -30,6 +30,7 @@ from peftcore.tuners.lora.config import LoraConfig
 from peftcore.tuners.modules import Handler, is_conv, is_hf_conv1d, is_linear, plain_subclass
 from peftcore.ops import dispatch, philox
 from peftcore.ops.lora import OP, lora_linear, new_seed_tensor
+from peftcore.ops.lora_add import lora_add_
 
 
 class _TensorStore(nn.Module):
@@ -89,6 +90,10 @@ class LoraLayer(AdapterLayer):
         """The base weight in ``(out, in, ...)`` layout (a view for transposed storage)."""
         return self.base_layer.weight
 
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of new factors: the base weight's (a quantized base returns its compute dtype)."""
+        return self.base_layer.weight.dtype
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale * B @ A`` in :meth:`base_weight` layout, in float32 (for merging)."""
         cfg = self.lora_config[name]
@@ -104,7 +109,7 @@ class LoraLayer(AdapterLayer):
             raise AdapterStateError(f"this layer already holds a LoRA adapter named {name!r}")
         weight = self.base_layer.weight
         a_shape, b_shape = self.factor_shapes(config.rank)
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        factory = {"dtype": self.factor_dtype(), "device": weight.device}
         A = torch.empty(a_shape, **factory)
         B = torch.empty(b_shape, **factory)
         if config.init == "pissa":
@@ -242,6 +247,22 @@ class LoraLinear(LoraLayer):
         # The old, private name: forward calls it, so overriding either name works.
         return self.weight_for_op()
 
+    def base_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's output computed by the layer itself, or ``None`` (the default).
+
+        ``None`` lets the ``lora_linear`` op compute the base from :meth:`weight_for_op` fused with
+        the low-rank path. A base whose matmul is its own (a quantized layer) returns
+        ``self.base_layer(x)``; forward then adds the low-rank path into that output in place
+        (:func:`peftcore.ops.lora_add.lora_add_`, seeded dropout, no stored mask).
+
+        Args:
+            x: input, shape ``(*, in_features)``.
+
+        Returns:
+            ``(*, out_features)`` (a fresh tensor: it is written in place), or ``None``.
+        """
+        return None
+
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         # The op's kernel per (backend, device type, dtype), resolved once rather than at every
@@ -269,6 +290,13 @@ class LoraLinear(LoraLayer):
         first, *rest = running
         cfg = self.lora_config[first]
         p = cfg.dropout if self.training else 0.0
+        base = self.base_output(x)
+        if base is not None:  # the base computed its own output: add every adapter's path into it
+            for name in running:
+                cfg = self.lora_config[name]
+                p = cfg.dropout if self.training else 0.0
+                base = lora_add_(base, x, self.lora_A[name], self.lora_B[name], cfg.scale, p, new_seed_tensor() if p > 0.0 else 0)
+            return base
         # One op computes base + low-rank path. The seed is a fresh 0-dim tensor per call (drawn
         # from torch's generator, so torch.manual_seed fixes it); the op keeps it to regenerate
         # the mask in backward. x goes in as is: layers sharing an input (q, k, v) save it once.
