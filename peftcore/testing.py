@@ -206,6 +206,13 @@ def check_method(
 
 
 # -- models --------------------------------------------------------------------------------------
+def _comparable(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor ``torch.equal`` can compare: quantized tensor subclasses (torchao) dequantized."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "dequantize"):
+        return tensor.dequantize()
+    return tensor
+
+
 def tiny_model(family: str = "gpt2", seed: int = 0) -> nn.Module:
     """A tiny randomly initialised transformers model, the same for the same ``seed``.
 
@@ -331,7 +338,7 @@ class _Kit:
     @staticmethod
     def _check_same_weights(a: nn.Module, b: nn.Module) -> None:
         sa, sb = a.state_dict(), b.state_dict()
-        if a is b or list(sa) != list(sb) or any(not torch.equal(sa[k], sb[k]) for k in sa):
+        if a is b or list(sa) != list(sb) or any(not torch.equal(_comparable(sa[k]), _comparable(sb[k])) for k in sa):
             raise ConfigError(
                 "check_method: model_factory() must return a new model with the same weights on every call "
                 "(seed it, e.g. torch.manual_seed(0) before building, or deep-copy a cached model)"
@@ -419,6 +426,7 @@ class _Kit:
             raise _Failure(f"{what} (max abs diff {diff:.3e}; shapes {tuple(actual.shape)} vs {tuple(expected.shape)})\n{exc}") from None
 
     def equal(self, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+        actual, expected = _comparable(actual), _comparable(expected)
         if actual.shape != expected.shape or actual.dtype != expected.dtype or not torch.equal(actual, expected):
             raise _Failure(f"{what} (max abs diff {_max_diff(actual, expected):.3e})")
 

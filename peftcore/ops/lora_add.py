@@ -64,11 +64,14 @@ class LoraAddFunction(torch.autograd.Function):
         K, N = x.shape[-1], y.shape[-1]
         x2 = x.reshape(-1, K)  # (M, K), a view for contiguous x
         h = _dropped(x2, dropout_p, seed).mm(A.t())  # (M, r)
-        y2 = y.view(-1, N)  # y is the base layer's fresh output: contiguous
-        y2.addmm_(h, B.t(), alpha=scale)
-        ctx.mark_dirty(y)
         ctx.save_for_backward(x, A, B, h, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
+        if y._base is not None:
+            # A view (bitsandbytes' 8-bit matmul returns one from its autograd Function) cannot be
+            # written in place under autograd: one new output-sized buffer instead.
+            return torch.addmm(y.reshape(-1, N), h, B.t(), alpha=scale).view(y.shape)
+        y.view(-1, N).addmm_(h, B.t(), alpha=scale)  # y is the base layer's fresh output: contiguous
+        ctx.mark_dirty(y)
         return y
 
     @staticmethod
@@ -106,11 +109,12 @@ def lora_add_(
 ) -> torch.Tensor:
     """Adds the LoRA path into ``y`` in place and returns ``y``; arguments as :func:`reference_lora_add`.
 
-    ``y`` must be a fresh output (a base layer's result, not a view of a leaf or of a tensor
-    autograd saved); under ``torch.autocast`` the factors are cast to ``y``'s dtype.
+    ``y`` must be a fresh output (a base layer's result, not a tensor autograd saved); a view is
+    not written in place (autograd forbids it for a custom Function's output): the sum is then a
+    new tensor. The factors are cast to ``y``'s dtype (a bf16 compute dtype, autocast).
 
     Returns:
-        ``y``, now holding ``y + scale * dropout(x) A^T B^T``.
+        ``y``, now holding ``y + scale * dropout(x) A^T B^T`` (or a new tensor for a view ``y``).
     """
     if not isinstance(seed, torch.Tensor):
         seed = _ZERO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)

@@ -67,3 +67,15 @@ def test_no_grad_inference():
     with torch.no_grad():
         y = lora_add_(F.linear(x, W), x, A.requires_grad_(True), B.requires_grad_(True), 1.5)
     torch.testing.assert_close(y, reference_lora_add(F.linear(x, W), x, A, B, 1.5).detach())
+
+
+def test_a_view_is_added_out_of_place():
+    x, W, A, B = _tensors(4, 5, 3, 2, torch.float32)
+    W.requires_grad_(True)
+    base = F.linear(x, W)
+    y = base.view(2, 2, 3)
+    out = lora_add_(y, x.view(2, 2, 5), A, B, 1.5)
+    assert out.data_ptr() != base.data_ptr()
+    torch.testing.assert_close(out, reference_lora_add(F.linear(x, W), x, A, B, 1.5).view(2, 2, 3))
+    out.sum().backward()
+    assert W.grad is not None

@@ -1,0 +1,207 @@
+"""LoRA layers over quantized frozen linear layers (QLoRA), and the handlers that attach them.
+
+The base output is the quantized layer's own (``base_layer(x)``: bitsandbytes' 4-bit/8-bit matmul,
+torchao's quantized ``F.linear``); the low-rank path goes through peftcore's op, added into that
+output in place (``LoraLinear.base_output`` -> ``peftcore.ops.lora_add.lora_add_``: seeded dropout,
+no stored mask). Factors are float32 whatever the base stores (as QLoRA and HF PEFT keep them);
+under a bf16 compute dtype the path casts them.
+
+Merging (bitsandbytes only): dequantize, add ``scale * B A`` in float32, quantize again with the
+layer's own settings. The merged weight differs from ``W + scale B A`` by the requantization
+error (at most half a quantization step per element, see docs/quantization.md). ``unmerge``
+puts the original quantized tensors back bit for bit. torchao weights refuse to merge.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftcore.errors import AdapterStateError
+from peftcore.tuners.lora.layers import LoraLinear
+from peftcore.tuners.modules import Handler
+
+
+def _bnb():
+    import bitsandbytes as bnb  # imported when a handler is first asked, not with peftcore
+
+    return bnb
+
+
+class QuantLoraLinear(LoraLinear):
+    """LoRA on a quantized linear layer: ``y = base_layer(x) + scale * dropout(x) A^T B^T``.
+
+    Subclasses say how to dequantize (and, for merging, requantize) their base's weight.
+    """
+
+    supports_routing = False  # the grouped op needs a plain base weight
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self._saved_quant: dict[str, Any] = {}  # adapter -> the base's quantized state before merge
+
+    # -- what LoraLinear reads -----------------------------------------------------------------
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.base_layer
+        return (rank, base.in_features), (base.out_features, rank)
+
+    def factor_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized base weight, ``(out, in)`` float (a new tensor: for PiSSA and checks)."""
+        return self.dequantized()
+
+    def weight_for_op(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def dequantized(self) -> torch.Tensor:
+        """The base weight dequantized, ``(out_features, in_features)``."""
+        raise NotImplementedError
+
+    # -- merge -----------------------------------------------------------------------------------
+    def _snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def _restore(self, snapshot: Any) -> None:
+        raise NotImplementedError
+
+    def _requantize(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            return
+        if self.lora_config[name].init == "pissa":
+            raise AdapterStateError(f"adapter {name!r}: merging a PiSSA adapter into a quantized base is not supported")
+        snapshot = self._snapshot()
+        with torch.no_grad():
+            merged = self.dequantized().float() + self.delta_weight(name)
+            self._requantize(merged)
+        self._saved_quant[name] = snapshot
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        # Later merges were made on top of this one: take them out first (exact restore).
+        later = self.merged_adapters[self.merged_adapters.index(name):]
+        self._restore(self._saved_quant[later[0]])
+        for other in later:
+            self._saved_quant.pop(other, None)
+            self.merged_adapters.remove(other)
+        for other in later[1:]:
+            self.merge(other)
+
+    def remove_adapter(self, name: str) -> None:
+        self._saved_quant.pop(name, None)
+        super().remove_adapter(name)
+
+
+class Lora4bit(QuantLoraLinear):
+    """LoRA on bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization)."""
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_4bit(self.base_layer.weight)
+
+    def _snapshot(self) -> Any:
+        weight = self.base_layer.weight
+        _unpack_for_cpu(weight)  # merge and unmerge work on bitsandbytes' portable layout
+        return weight.data, weight.quant_state
+
+    def _restore(self, snapshot: Any) -> None:
+        weight = self.base_layer.weight
+        weight.data, weight.quant_state = snapshot
+
+    def _requantize(self, merged: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        state = weight.quant_state
+        packed, new_state = _bnb().functional.quantize_4bit(
+            merged.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested,
+            quant_type=state.quant_type, quant_storage=weight.quant_storage,
+        )
+        weight.data, weight.quant_state = packed, new_state
+
+
+def _unpack_for_cpu(weight: Any) -> None:
+    """Puts a 4-bit weight that bitsandbytes repacked for its CPU inference kernel (it does so in
+    the first eval forward without autograd, on CPUs with AVX512-BF16) back into the portable
+    layout, as its own ``state_dict`` does."""
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # no public form
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+def dequantize_4bit(weight: Any) -> torch.Tensor:
+    """A bitsandbytes ``Params4bit`` dequantized: ``(out, in)`` in the dtype it was quantized from."""
+    _unpack_for_cpu(weight)
+    return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+class Lora8bit(QuantLoraLinear):
+    """LoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
+
+    def dequantized(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
+
+    def _snapshot(self) -> Any:
+        weight = self.base_layer.weight
+        return weight.data, weight.SCB, self.base_layer.state.SCB
+
+    def _restore(self, snapshot: Any) -> None:
+        weight = self.base_layer.weight
+        weight.data, weight.SCB, self.base_layer.state.SCB = snapshot
+        self.base_layer.state.CB = weight.data
+
+    def _requantize(self, merged: torch.Tensor) -> None:
+        CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
+        weight = self.base_layer.weight
+        weight.data, weight.SCB = CB, SCB
+        self.base_layer.state.CB, self.base_layer.state.SCB = CB, SCB
+
+
+class LoraTorchao(QuantLoraLinear):
+    """LoRA on ``nn.Linear`` whose weight is a torchao quantized tensor (e.g. int8 weight-only)."""
+
+    def dequantized(self) -> torch.Tensor:
+        return self.base_layer.weight.dequantize()
+
+    def factor_dtype(self) -> torch.dtype:
+        return self.base_layer.weight.dtype  # the weight's logical (compute) dtype
+
+    def merge(self, name: str) -> None:
+        raise AdapterStateError(
+            f"adapter {name!r}: merging into a torchao-quantized weight ({type(self.base_layer.weight).__name__}) "
+            "is not supported (requantizing needs the quantization config, which the tensor does not record); "
+            "keep the adapter unmerged, or load the base unquantized, merge there, and quantize the result"
+        )
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+def _is_bnb(module: nn.Module, name: str) -> bool:
+    # A cheap test before importing bitsandbytes: only its modules can match.
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return False
+    return isinstance(module, getattr(_bnb().nn, name))
+
+
+def _is_torchao_linear(module: nn.Module) -> bool:
+    if type(module) is not nn.Linear:
+        return False
+    weight = module.weight
+    return type(weight) is not nn.Parameter and type(weight).__module__.startswith("torchao")
+
+
+BNB_4BIT = Handler("bitsandbytes Linear4bit", lambda m: _is_bnb(m, "Linear4bit"), Lora4bit,
+                   method="lora", linear_like=True, priority=1, peftcore_api=1)
+BNB_8BIT = Handler("bitsandbytes Linear8bitLt", lambda m: _is_bnb(m, "Linear8bitLt"), Lora8bit,
+                   method="lora", linear_like=True, priority=1, peftcore_api=1)
+TORCHAO = Handler("torch.nn.Linear with a torchao quantized weight", _is_torchao_linear, LoraTorchao,
+                  method="lora", linear_like=True, priority=1, peftcore_api=1)

@@ -1,0 +1,34 @@
+"""Tiny models for the plugin's tests (sizes bitsandbytes' CPU kernels accept: multiples of 64)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from peftcore_quant import quantize_model
+
+
+def tiny_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """A tiny random Llama (hidden 64, 2 blocks, vocabulary 128), the same for the same seed, eval mode."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+def quantized_llama(kind: str, seed: int = 0, cpu_repack: bool = False) -> transformers.LlamaForCausalLM:
+    """``tiny_llama(seed)`` quantized by ``quantize_model(model, kind)``.
+
+    ``cpu_repack=False`` turns off bitsandbytes' AVX512-BF16 inference path for 4-bit layers: on
+    the first eval forward without autograd it repacks the weight in place and drops the double
+    quantization of the scales, so the base model's state dict changes under a mere forward
+    (the kit's ``unwrap`` check compares state dicts before and after).
+    """
+    model = quantize_model(tiny_llama(seed), kind)
+    if not cpu_repack:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
