@@ -67,3 +67,16 @@ def test_finetune_the_second_half_from_the_pretrained_model(digits, tmp_path, st
         model, _ = build_image_model(str(root / "pretrained.safetensors"), 5)
         peftcore.load(model, out / "adapter")
         assert metrics["trainable_parameters"] > 16 * 64 + 5 * 64 + 5  # LoRA factors on the convolutions beside the head
+
+
+def test_compare_on_images_with_progressive_unfreezing_and_layerwise_rates(digits, tmp_path):
+    root, _ = digits
+    out = tmp_path / "cmp"
+    assert main(["compare", "--no-progress", "--in-process", "--data", str(root / "finetune"),
+                 "--model", str(root / "pretrained.safetensors"), "--methods", "progressive,discriminative",
+                 "--epochs", "6", "--batch-size", "16", "--lr", "3e-3", "--out", str(out)]) == 0
+    rows = {row["strategy"]: row for row in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(rows) == {"progressive", "discriminative"}
+    for name, row in rows.items():
+        assert row["accuracy"] > row["accuracy_before"] + 0.1, (name, row)
+    assert (out / "compare.png").is_file() and "| progressive |" in (out / "compare.md").read_text()
