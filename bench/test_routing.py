@@ -98,11 +98,18 @@ def test_routed_forward(benchmark):
 def test_distinct_adapters(benchmark, count):
     data = _data(64, 32)
     names = [f"a{i % count}" for i in range(64)]
-    calls = {"peftcore": _forward(_peftcore(count), data, names), "hf_peft": _forward(_hf_peft(count), data, names)}
+    calls = {
+        "base": _forward(e2e.load_model().eval(), data),
+        "peftcore": _forward(_peftcore(count), data, names),
+        "hf_peft": _forward(_hf_peft(count), data, names),
+    }
     benchmark.group = f"routed forward, {count} distinct adapters"
     rounds = interleaved(benchmark, calls, ROUNDS)
-    RESULTS.setdefault("counts", {})[count] = {k: statistics.median(v) for k, v in rounds.items()}
-    print(f"\n{count} adapters: " + ", ".join(f"{k} {statistics.median(v) * 1e3:.1f} ms" for k, v in rounds.items()))
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    ratios = {k: summary.paired_ratio(rounds[k], rounds["base"]) for k in ("peftcore", "hf_peft")}
+    RESULTS.setdefault("counts", {})[count] = {"median": medians, "ratio": ratios}
+    print(f"\n{count} adapters: " + ", ".join(f"{k} {m * 1e3:.1f} ms" for k, m in medians.items()) + "; / base: "
+          + ", ".join(f"{k} {r[0]:.3f} [{r[1]:.3f}, {r[2]:.3f}]" for k, r in ratios.items()))
     if count == COUNTS[-1]:
         _plot()
 
@@ -118,15 +125,25 @@ def _plot() -> None:
     import matplotlib.pyplot as plt
 
     xs = sorted(counts)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in (("peftcore", "peftcore (lora_grouped, cpp)"), ("hf_peft", "HF PEFT adapter_names")):
-        ax.plot(xs, [counts[x][key] * 1e3 for x in xs], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("distinct adapters in the batch (64 x 32 tokens, round-robin)")
-    ax.set_ylabel("forward, median ms")
-    ax.set_title("all-MiniLM-L6-v2, LoRA rank 8 on q/k/v/dense, 2 threads")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        left.plot(xs, [counts[x]["median"][key] * 1e3 for x in xs], marker="o", label=label)
+        mid = [counts[x]["ratio"][key][0] for x in xs]
+        low = [counts[x]["ratio"][key][1] for x in xs]
+        high = [counts[x]["ratio"][key][2] for x in xs]
+        right.errorbar(xs, mid, yerr=[[m - lo for m, lo in zip(mid, low)], [hi - m for m, hi in zip(mid, high)]],
+                       marker="o", capsize=3, label=label)
+    left.plot(xs, [counts[x]["median"]["base"] * 1e3 for x in xs], marker=".", color="grey", label="base model")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("distinct adapters in the batch (64 x 32 tokens)")
+        ax.grid(alpha=0.3)
+    left.set_ylabel("forward, median ms")
+    right.set_ylabel("forward / base forward (paired, 95 % CI)")
+    left.legend(fontsize=8)
+    fig.suptitle("all-MiniLM-L6-v2, eval, LoRA rank 8 on q/k/v/dense, 2 threads")
     fig.tight_layout()
     fig.savefig(target, dpi=120)
