@@ -81,10 +81,12 @@ struct Run {
 // tokens make runs of the sequence length); below it the row pass runs.
 constexpr int64_t kMinRunRows = 8;
 
-inline std::vector<Run> row_runs(const int64_t* index, int64_t M) {
+// Runs longer than `cap` rows are cut into pieces of at most `cap`, so that a batch of few long
+// runs (one adapter for the whole batch) still spreads over the threads.
+inline std::vector<Run> row_runs(const int64_t* index, int64_t M, int64_t cap) {
   std::vector<Run> runs;
   for (int64_t m = 0; m < M; ++m) {
-    if (!runs.empty() && runs.back().adapter == index[m]) ++runs.back().length;
+    if (!runs.empty() && runs.back().adapter == index[m] && runs.back().length < cap) ++runs.back().length;
     else runs.push_back({m, 1, index[m]});
   }
   return runs;
@@ -182,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor> lora_grouped_cpu(const at::Tensor& x_in, cons
   at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor h = at::zeros({M, R}, x.options());
   at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
-  const std::vector<Run> runs = row_runs(idx, M);
+  const int64_t cap = std::max<int64_t>(64, M / (4 * std::max(1, at::get_num_threads())));
+  const std::vector<Run> runs = row_runs(idx, M, cap);
   bool any_drop = false;
   for (int64_t g = 0; g < G; ++g) any_drop = any_drop || dropout.drop[g];
   if (!any_drop && static_cast<int64_t>(runs.size()) * kMinRunRows <= M) {
