@@ -87,6 +87,8 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--fp16", action="store_true",
                    help="fp16 autocast with dynamic loss scaling (torch.amp.GradScaler): steps with inf/NaN gradients are skipped")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
+    g.add_argument("--quantize", default=d.quantize, choices=("nf4", "fp4", "int8", "torchao-int8"),
+                   help="quantize the frozen base's linear layers (QLoRA; needs the peftcore-quant plugin), docs/quantization.md")
     g.add_argument("--teacher", default=d.teacher, metavar="RUN_DIR",
                    help="knowledge distillation from the classifier of this 'peftcore finetune' run directory")
     g.add_argument("--few-shot", type=int, default=d.few_shot, metavar="K",

@@ -60,6 +60,8 @@ class FinetuneConfig:
         few_shot_seeds: few-shot: support sets drawn (one run each); accuracy mean and std over them.
         few_shot_baseline: few-shot: also fine-tune on all the training data, for comparison.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
+        quantize: quantize the base model's linear layers before wrapping (``nf4``, ``fp4``, ``int8``,
+            ``torchao-int8``; needs the peftcore-quant plugin and a PEFT method such as LoRA).
         freeze_blocks: ``partial``: bottom blocks to freeze (``None`` = half).
         freeze: ``partial``: regex of parameter names to freeze as well.
         lr_decay: ``discriminative``/``progressive``: rate factor per block downwards.
@@ -111,6 +113,7 @@ class FinetuneConfig:
     few_shot_seeds: int = 5
     few_shot_baseline: bool = True
     gradient_checkpointing: bool = False
+    quantize: str | None = None
     freeze_blocks: int | None = None
     freeze: str | None = None
     lr_decay: float | None = None
@@ -191,6 +194,9 @@ class FinetuneConfig:
             raise ConfigError(f"--strategy {self.strategy!r} and --method {self.method!r} disagree; pass only --strategy")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other; pass one")
+        if self.quantize is not None and self.resolved_strategy in LAYER_STRATEGIES:
+            raise ConfigError(f"--quantize {self.quantize} needs a PEFT method (e.g. lora) over the frozen quantized base, "
+                              f"not the strategy {self.resolved_strategy!r}, which trains base weights")
         if self.teacher is not None:
             from peftcore.train.distill import check_options
 

@@ -140,6 +140,21 @@ def prepare_run_dir(out: str | os.PathLike | None, overwrite: bool, prefix: str 
     return run_dir
 
 
+def quantize_base(model: torch.nn.Module, kind: str) -> None:
+    """Quantizes the classifier's linear layers (not its head) through the peftcore-quant plugin.
+
+    Raises:
+        PeftcoreError: the plugin is not installed.
+    """
+    try:
+        from peftcore_quant import prepare_for_training, quantize_model
+    except ImportError as exc:
+        raise PeftcoreError(f"--quantize {kind} needs the peftcore-quant plugin: pip install peftcore-quant "
+                            "(from a source tree: pip install --no-build-isolation -e plugins/peftcore-quant)") from exc
+    quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj"))
+    prepare_for_training(model)
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Turns on the model's own gradient (activation) checkpointing, through its public method.
 
@@ -256,6 +271,8 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     run_dir = run_dir_path(config.out, config.overwrite)
     model_dir = config.model or default_model_path()
     model, tokenizer = load_classifier(model_dir, labels)
+    if config.quantize is not None:
+        quantize_base(model, config.quantize)
     label_ids = {label: i for i, label in enumerate(labels)}
     val_batches = data_mod.batches(val_data, tokenizer, label_ids, config.batch_size, config.max_length)
 

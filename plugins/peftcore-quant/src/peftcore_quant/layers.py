@@ -109,6 +109,16 @@ class Lora4bit(QuantLoraLinear):
     def dequantized(self) -> torch.Tensor:
         return dequantize_4bit(self.base_layer.weight)
 
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval
+        # forward without autograd. That kernel computes in bf16 whatever the compute dtype (outputs
+        # move by ~5e-3 on a 64-wide layer), has no backward, and the repacking does not round-trip
+        # exactly; a wrapped layer keeps the portable layout so train and eval compute alike.
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            base_layer.support_avx512bf16_for_cpu = False
+        _unpack_for_cpu(base_layer.weight)  # repacked by an eval pass before wrapping
+
     def _snapshot(self) -> Any:
         weight = self.base_layer.weight
         _unpack_for_cpu(weight)  # merge and unmerge work on bitsandbytes' portable layout
