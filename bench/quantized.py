@@ -16,7 +16,9 @@ warm-up step; the process prints one JSON line: peak RSS over the steps (the mod
 RSS after setup, median step time.
 
     python bench/quantized.py all --steps 3          # every configuration, a markdown table
+    python bench/quantized.py all --steps 3 --checkpointing    # the same with gradient checkpointing
     python bench/quantized.py run --base nf4 --lib peftcore --steps 3
+    python bench/quantized.py paired --base nf4 --steps 4    # step-time ratio, steps alternating in one process
 """
 
 from __future__ import annotations
@@ -79,13 +81,16 @@ def wrap(model, lib: str):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def run(base: str, lib: str, steps: int, threads: int) -> dict:
+def run(base: str, lib: str, steps: int, threads: int, checkpointing: bool = False) -> dict:
     import torch
 
     from peftcore.train import memory
 
     torch.set_num_threads(threads)
     model = build(base)
+    if checkpointing:  # as peftcore_quant.prepare_for_training(model, gradient_checkpointing=True) does
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model, params = wrap(model, lib)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -103,31 +108,67 @@ def run(base: str, lib: str, steps: int, threads: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return {"base": base, "lib": lib, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+    return {"base": base, "lib": lib, "checkpointing": checkpointing, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2), "rss_setup_mib": round(rss_setup),
             "peak_rss_mib": round(memory.peak_rss_mib()), "step_s": round(statistics.median(times[1:]), 3),
             "steps_s": [round(t, 3) for t in times], "loss": round(losses[-1], 4)}
 
 
+def paired(base: str, steps: int, threads: int) -> dict:
+    """Step-time ratio peftcore / HF PEFT on the same base, steps alternating in one process.
+
+    The machine is shared: a step takes 12 s or 40 s depending on the other jobs, so separate
+    processes cannot compare times; alternating steps pairs each peftcore step with the HF PEFT
+    step next to it (each model built from the same seed, so both wrap the same weights).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = {}
+    for lib in LIBS:
+        model, params = wrap(build(base), lib)
+        model.train()
+        runs[lib] = (model, torch.optim.AdamW(params, lr=1e-4))
+    ids = torch.randint(0, 32000, (1, 256), generator=torch.Generator().manual_seed(0))
+    times = {lib: [] for lib in LIBS}
+    for i in range(steps + 1):
+        order = LIBS if i % 2 == 0 else LIBS[::-1]
+        for lib in order:
+            model, optimizer = runs[lib]
+            start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[lib].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["peftcore"][1:], times["peft"][1:])]
+    return {"base": base, "ratio_peftcore_over_peft": round(statistics.median(ratios), 3), "ratios": [round(r, 3) for r in ratios],
+            "peftcore_s": [round(t, 2) for t in times["peftcore"]], "peft_s": [round(t, 2) for t in times["peft"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("run", "all"))
+    parser.add_argument("what", choices=("run", "all", "paired"))
     parser.add_argument("--base", choices=BASES, default="nf4")
     parser.add_argument("--lib", choices=LIBS, default="peftcore")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (non-reentrant) in every block")
     parser.add_argument("--bases", default=",".join(BASES))
     parser.add_argument("--libs", default=",".join(LIBS))
     args = parser.parse_args()
-    if args.what == "run":
+    if args.what in ("run", "paired"):
         logging.disable(logging.WARNING)
         warnings.filterwarnings("ignore")
-        print(json.dumps(run(args.base, args.lib, args.steps, args.threads)), flush=True)
+        if args.what == "paired":
+            print(json.dumps(paired(args.base, args.steps, args.threads)), flush=True)
+        else:
+            print(json.dumps(run(args.base, args.lib, args.steps, args.threads, args.checkpointing)), flush=True)
         return
     rows = []
     for base in args.bases.split(","):
         for lib in args.libs.split(","):
             cmd = [sys.executable, __file__, "run", "--base", base, "--lib", lib, "--steps", str(args.steps), "--threads", str(args.threads)]
+            cmd += ["--checkpointing"] if args.checkpointing else []
             done = subprocess.run(cmd, capture_output=True, text=True)
             line = [l for l in done.stdout.splitlines() if l.startswith("{")]
             if done.returncode or not line:
