@@ -151,7 +151,9 @@ def quantize_base(model: torch.nn.Module, kind: str) -> None:
     except ImportError as exc:
         raise PeftcoreError(f"--quantize {kind} needs the peftcore-quant plugin: pip install peftcore-quant "
                             "(from a source tree: pip install --no-build-isolation -e plugins/peftcore-quant)") from exc
-    quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj"))
+    # The task head stays in full precision: the classifier and, for BERT-style models, the pooler
+    # that feeds it directly.
+    quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj", "*pooler*"))
     prepare_for_training(model)
 
 
