@@ -141,3 +141,18 @@ def test_saved_adapter_holds_no_base_weights_and_loads_onto_a_fresh_quantized_ba
     fresh = peftcore.load(quantized_llama(kind), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, y)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_the_4bit_base_output_is_bitsandbytes_own_bit_for_bit(kind):
+    model = _wrapped(kind).train()
+    layer = model.model.layers[0].mlp.gate_proj
+    x = torch.randn(3, 5, layer.base_layer.in_features, requires_grad=True)
+    y = layer.base_output(x)
+    grad = torch.randn(y.shape)
+    y.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = layer.base_layer(x_ref)  # bitsandbytes' Linear4bit.forward (MatMul4Bit)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(x.grad, x_ref.grad)
