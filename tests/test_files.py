@@ -190,13 +190,15 @@ def test_sigkill_at_random_times_during_repeated_saves(tmp_path):
     per_save = (time.perf_counter() - start) / len(models)  # under this machine's load right now
     rng = random.Random(0)
     seen = set()
-    for _ in range(30):
+    for i in range(30):
+        order = models[i % 5:] + models[: i % 5]  # each child starts at another generation
+
         def work():
-            for model in models * 20:
+            for model in order * 20:
                 peftcore.save(model, path)
 
         pid = _child(work)
-        time.sleep(rng.uniform(0.0, 4 * per_save))
+        time.sleep(rng.uniform(0.0, 8 * per_save))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         seen.add(_assert_whole(path, {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}))
