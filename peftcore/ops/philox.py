@@ -127,3 +127,31 @@ def keep_mask(seed: int | torch.Tensor, shape: tuple[int, ...] | torch.Size, p: 
     if numel == 0:
         return torch.ones(shape, dtype=torch.bool, device=device)
     return (draws(seed, numel, device, start) >= threshold(p)).reshape(shape)
+
+
+def keep_mask_rows(seed: int | torch.Tensor, rows: torch.Tensor, K: int, p: float) -> torch.Tensor:
+    """Rows ``rows`` of ``keep_mask(seed, (M, K), p)``, drawing only those rows.
+
+    A grouped op that handles each adapter's rows apart (``lora_grouped_add_``) draws the very
+    mask the whole-input ops draw for those rows, without the draws of the other rows.
+
+    Args:
+        seed: as for :func:`keep_mask`.
+        rows: ``(R,)`` int64 row indices into the input viewed as ``(M, K)``.
+        K: the row length.
+        p: dropout probability.
+
+    Returns:
+        ``(R, K)`` bool on ``rows``' device.
+    """
+    device = rows.device
+    R = rows.shape[0]
+    if R == 0 or K == 0:
+        return torch.ones((R, K), dtype=torch.bool, device=device)
+    start = rows.to(torch.int64) * K  # (R,) offset of each row's first element
+    blocks = ((K + 7) >> 3) + 1  # enough 8-element blocks for a K-long run at any alignment
+    counters = (start >> 3)[:, None] + torch.arange(blocks, dtype=torch.int64, device=device)  # (R, blocks)
+    words = torch.stack(philox4x32(seed, counters), dim=-1).reshape(R, 4 * blocks)
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=-1).reshape(R, 8 * blocks)
+    cols = (start & 7)[:, None] + torch.arange(K, dtype=torch.int64, device=device)  # (R, K)
+    return halves.gather(1, cols) >= threshold(p)

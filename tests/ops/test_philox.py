@@ -71,3 +71,12 @@ def test_draws_are_uniform_over_16_bits():
     assert chi2 < 45.0  # 15 degrees of freedom: P(chi2 > 45) < 1e-4
     # the two halves of a word are not the same draw
     assert (u[0::2] == u[1::2]).float().mean() < 1e-3
+
+
+def test_keep_mask_rows_are_rows_of_the_whole_mask():
+    rows = torch.tensor([4, 0, 2, 2, 1])
+    for K in (1, 3, 8, 13, 64):
+        for seed in (0, 7, 2**62, -5, torch.tensor(99)):
+            full = philox.keep_mask(seed, (5, K), 0.4)
+            assert torch.equal(philox.keep_mask_rows(seed, rows, K, 0.4), full[rows]), (K, seed)
+    assert philox.keep_mask_rows(3, torch.zeros(0, dtype=torch.int64), 8, 0.5).shape == (0, 8)
