@@ -3,6 +3,9 @@
 Linear-like layers (``nn.Linear``, GPT-2's ``Conv1D``) hand every routed adapter's factors and a
 per-row index to one grouped op (:func:`peftcore.ops.lora_grouped.lora_grouped`): one call per
 layer whatever the number of adapters, and each adapter's gradient comes from its own rows only.
+A layer whose base computes its own output (``LoraLinear.base_output`` returns a tensor: a
+quantized base) keeps that output and gets the routed adapters' paths added into it
+(:func:`peftcore.ops.lora_grouped_add.lora_grouped_add_`, same rows, same dropout mask).
 Embedding and convolution layers, rarer targets, add each routed adapter's delta to its own
 examples (a loop over the adapters of the batch, in plain PyTorch).
 """
@@ -18,6 +21,7 @@ from torch import nn
 from peftcore.ops import dispatch, philox
 from peftcore.ops.lora import new_seed_tensor
 from peftcore.ops.lora_grouped import OP, lora_grouped
+from peftcore.ops.lora_grouped_add import lora_grouped_add_
 
 _CACHE = "_grouped_kernels"
 
@@ -54,9 +58,12 @@ def linear_forward(layer: Any, x: torch.Tensor, routing: Any) -> torch.Tensor:
     configs = [layer.lora_config[n] for n in names]
     ps = [c.dropout if layer.training else 0.0 for c in configs]
     seed = new_seed_tensor() if any(p > 0.0 for p in ps) else 0
+    A, B, scales = [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names], [c.scale for c in configs]
+    base = layer.base_output(x)
+    if base is not None:  # the base's own matmul (a quantized layer): add each row's adapter into it
+        return lora_grouped_add_(base, x, A, B, scales, index, ps, seed)
     return lora_grouped(
-        x, layer._weight_for_op(), layer.base_layer.bias,
-        [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names], [c.scale for c in configs],
+        x, layer._weight_for_op(), layer.base_layer.bias, A, B, scales,
         index, ps, seed, backend=_backend(configs, routing), cache=_kernels(layer),
     )
 

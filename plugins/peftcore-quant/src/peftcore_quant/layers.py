@@ -36,7 +36,7 @@ class QuantLoraLinear(LoraLinear):
     Subclasses say how to dequantize (and, for merging, requantize) their base's weight.
     """
 
-    supports_routing = False  # the grouped op needs a plain base weight
+    supports_routing = True  # routed rows: the base's own output plus lora_grouped_add_ (peftcore/tuners/lora/routed.py)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
