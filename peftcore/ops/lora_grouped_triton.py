@@ -35,6 +35,25 @@ _BLOCK_M = 16
 _BLOCK_C = 32  # columns (K or N) per tile
 
 
+@_jit()
+def _row_tile(order_ptr, starts_ptr, BLOCK_M: tl.constexpr):
+    """The rows of this program's tile: adapter ``g = program_id(0)``, row tile ``program_id(1)``.
+
+    Returns:
+        ``(g, rows, row_ok, past_end)``: ``rows`` (BLOCK_M,) through the sorted order, masked by
+        ``row_ok`` (BLOCK_M,); ``past_end`` when the tile starts past the adapter's rows (the kernel
+        returns then: a ``return`` here would only leave this function).
+    """
+    g = tl.program_id(0)
+    start = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    first = start + tl.program_id(1) * BLOCK_M
+    pos = first + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
+    return g, rows, row_ok, first >= end
+
+
 @_jit(do_not_specialize=["seed"])
 def _shrink_kernel(
     in_ptr, f_ptr, out_ptr, order_ptr, starts_ptr, scale_ptr, thr_ptr, inv_ptr,
@@ -44,15 +63,9 @@ def _shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[m, :R] = scale_g * sum_c keep_g(m, c) in[m, c] F[g, :, c] for the rows m of adapter g."""
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
-    first = start + tl.program_id(1) * BLOCK_M
-    if first >= end:
+    g, rows, row_ok, past_end = _row_tile(order_ptr, starts_ptr, BLOCK_M)
+    if past_end:
         return
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -79,15 +92,9 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[m, c] += keep_g(m, c) * inv_g * scale_g * sum_r h[m, r] F[g, r, c] for the rows of adapter g."""
-    g = tl.program_id(0)
-    start = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
-    first = start + tl.program_id(1) * BLOCK_M
-    if first >= end:
+    g, rows, row_ok, past_end = _row_tile(order_ptr, starts_ptr, BLOCK_M)
+    if past_end:
         return
-    pos = first + tl.arange(0, BLOCK_M)
-    row_ok = pos < end
-    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)
     offs_r = tl.arange(0, BLOCK_R)
     h = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hm + offs_r[None, :],
                 mask=row_ok[:, None] & (offs_r[None, :] < R), other=0.0).to(tl.float32)
