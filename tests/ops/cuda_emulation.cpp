@@ -2,58 +2,12 @@
 // without a GPU (tests/ops/test_lora_cuda.py builds this file into a shared library and calls it
 // through ctypes with torch CPU tensors).
 //
-// Each CUDA block runs as 256 std::threads that share the kernel's __shared__ arrays (function
-// statics: blocks run one after another) and meet at a std::barrier for __syncthreads(), so the
-// kernels' own indexing, tiling, masking and Philox draws are what is tested. What this cannot
+// Each CUDA block runs as 256 std::threads (tests/ops/cuda_emulation_launch.h). What this cannot
 // show: half/bfloat16 conversions (CUDA-only), warp-level timing, and the launchers in
 // lora_linear_kernels.cu (they only size the grid; nvcc compiles them in the same tests).
-#include <barrier>
 #include <cstdint>
-#include <functional>
-#include <thread>
-#include <vector>
 
-namespace emu {
-struct Dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local Dim3 threadIdx;
-thread_local Dim3 blockIdx;
-std::barrier<>* block_barrier = nullptr;
-
-// Runs kernel() once per thread of every block of `grid`, blocks in order.
-void launch(Dim3 grid, unsigned threads, const std::function<void()>& kernel) {
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        std::barrier<> barrier(threads);
-        block_barrier = &barrier;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t) {
-          pool.emplace_back([&, t] {
-            blockIdx = {x, y, z};
-            threadIdx = {t, 0, 0};
-            kernel();
-          });
-        }
-        for (auto& thread : pool) thread.join();
-      }
-    }
-  }
-}
-}  // namespace emu
-
-using emu::blockIdx;
-using emu::threadIdx;
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static
-#define __syncthreads() emu::block_barrier->arrive_and_wait()
+#include "cuda_emulation_launch.h"
 
 #include "../../csrc/cuda/lora_linear_device.cuh"
 

@@ -1,47 +1,12 @@
 // Runs the CUDA kernels of csrc/cuda/lora_grouped_device.cuh on the CPU (one std::thread per CUDA
-// thread, as tests/ops/cuda_emulation.cpp does for lora_linear), in the order and with the
+// thread, through tests/ops/cuda_emulation_launch.h as for lora_linear), in the order and with the
 // arguments that csrc/cuda/lora_grouped.cu launches them; tests/ops/test_lora_grouped_cuda.py
 // builds it and checks the results against the reference through ctypes. The base GEMMs (cuBLAS
 // through ATen in the real op) are done by the test with torch.
-#include <barrier>
 #include <cstdint>
-#include <functional>
-#include <thread>
 #include <vector>
 
-namespace emu {
-struct Dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local Dim3 threadIdx;
-thread_local Dim3 blockIdx;
-
-void launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel) {
-  for (unsigned x = 0; x < blocks; ++x) {
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        blockIdx = {x, 0, 0};
-        threadIdx = {t, 0, 0};
-        kernel();
-      });
-    }
-    for (auto& thread : pool) thread.join();
-  }
-}
-}  // namespace emu
-
-using emu::blockIdx;
-using emu::threadIdx;
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(n)
-#define __shared__ static
-#define __syncthreads()
+#include "cuda_emulation_launch.h"
 
 #include "../../csrc/cuda/lora_grouped_device.cuh"
 
@@ -51,7 +16,7 @@ namespace dev = peftcore::cuda::device;
 using peftcore::cuda::GroupedAdapters;
 constexpr unsigned kThreads = dev::kGroupedThreads;
 
-unsigned blocks(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+emu::Dim3 blocks(int64_t n) { return {static_cast<unsigned>((n + kThreads - 1) / kThreads), 1, 1}; }
 
 template <typename T>
 void forward(const T* x, const int64_t* index, const int64_t* A, const int64_t* B, const int64_t* rank,
