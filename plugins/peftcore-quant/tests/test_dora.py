@@ -148,6 +148,23 @@ def test_merge_requantizes_the_dora_weight_within_half_a_step_and_unmerge_restor
         assert torch.equal(model(ids).logits, y)
 
 
+def test_int8_merge_is_the_same_before_and_after_bitsandbytes_first_forward():
+    # Linear8bitLt keeps its row scales on the weight until its first forward, then in its state.
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for forward_first in (False, True):
+        torch.manual_seed(1)  # the same lora_A
+        model = _wrapped("int8")
+        with torch.no_grad():
+            y = model(ids).logits if forward_first else None
+            peftcore.merge(model)
+            outputs.append(model(ids).logits)
+            peftcore.unmerge(model)
+            if forward_first:
+                assert torch.equal(model(ids).logits, y)
+    assert torch.equal(*outputs)
+
+
 def _base_logits(kind: str, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return quantized_llama(kind)(ids).logits
