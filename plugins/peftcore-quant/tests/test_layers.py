@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 import peftcore
 from peftcore.errors import AdapterStateError
-from peftcore_quant import Lora4bit, Lora8bit, LoraTorchao
+from peftcore_quant import Lora4bit, Lora8bit, LoraTorchao, quantize_model
 
-from _models import quantized_llama
+from _models import quantized_llama, tiny_llama
 
 LAYER = {"nf4": Lora4bit, "fp4": Lora4bit, "int8": Lora8bit, "torchao-int8": LoraTorchao}
 KINDS = list(LAYER)
@@ -156,3 +156,99 @@ def test_the_4bit_base_output_is_bitsandbytes_own_bit_for_bit(kind):
     y_ref.backward(grad)
     assert torch.equal(y, y_ref)
     assert torch.equal(x.grad, x_ref.grad)
+
+
+def _mlp_base(model, call):
+    """gate * up -> down through the first block's 4-bit bases: two layers of one shape and one of
+    another, so the dequantization buffer is shared, grown and overwritten within one graph."""
+    mlp = model.model.layers[0].mlp
+    return lambda x: call(mlp.down_proj, call(mlp.gate_proj, x) * call(mlp.up_proj, x))
+
+
+def _ours(layer, x):
+    return layer.base_output(x)
+
+
+def _bitsandbytes(layer, x):
+    return layer.base_layer(x)  # Linear4bit.forward (MatMul4Bit): a new dequantized weight per call
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_4bit_layers_sharing_the_dequantization_buffer_keep_bitsandbytes_results(kind, double_quant):
+    from peftcore_quant import layers as quant_layers
+
+    model = quantize_model(tiny_llama(0), kind, double_quant=double_quant)
+    peftcore.wrap(model, "lora", rank=4, targets="all-linear")
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    grad = torch.randn(2, 7, 64)
+    y = _mlp_base(model, _ours)(x)
+    y.backward(grad)
+    assert quant_layers._direct_agrees[(kind, torch.float32)]  # the buffer path ran (bitsandbytes 0.50 on the CPU)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = _mlp_base(model, _bitsandbytes)(x_ref)
+    y_ref.backward(grad)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_4bit_dequantization_falls_back_to_the_op_where_the_direct_kernel_does_not_apply(monkeypatch):
+    from peftcore_quant import layers as quant_layers
+
+    model = _wrapped("nf4")
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    y = _mlp_base(model, _ours)(x)
+    y.sum().backward()
+    monkeypatch.setitem(quant_layers._direct_agrees, ("nf4", torch.float32), False)
+    x_op = x.detach().clone().requires_grad_(True)
+    y_op = _mlp_base(model, _ours)(x_op)
+    y_op.sum().backward()
+    assert torch.equal(y, y_op)
+    assert torch.equal(x.grad, x_op.grad)
+
+
+def test_4bit_backward_under_create_graph_keeps_its_own_weight():
+    # The double backward reads the weight after later calls have overwritten the shared buffer.
+    model = _wrapped("nf4")
+    gate, down = model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, 64, requires_grad=True)
+    v = torch.randn(3, 64)
+    results = []
+    for call in (_ours, _bitsandbytes):
+        grad_y = torch.randn(3, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (grad_x,) = torch.autograd.grad(call(gate, x), x, grad_y, create_graph=True)
+        call(down, torch.randn(3, 128))  # overwrites the buffer
+        (grad_grad_y,) = torch.autograd.grad((grad_x * v).sum(), grad_y)
+        results.append((grad_x.detach(), grad_grad_y))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_4bit_dequantization_buffers_are_per_thread():
+    import threading
+
+    model = _wrapped("nf4")
+    gate, down = model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.down_proj
+    inputs = {gate: torch.randn(4, 64), down: torch.randn(4, 128)}
+    expected = {}
+    for layer, x in inputs.items():
+        x = x.clone().requires_grad_(True)
+        y = layer.base_output(x)
+        y.sum().backward()
+        expected[layer] = (y.detach(), x.grad)
+    failures = []
+
+    def work(layer):
+        for _ in range(30):
+            x = inputs[layer].clone().requires_grad_(True)
+            y = layer.base_output(x)
+            y.sum().backward()
+            if not (torch.equal(y, expected[layer][0]) and torch.equal(x.grad, expected[layer][1])):
+                failures.append(layer)
+
+    threads = [threading.Thread(target=work, args=(layer,)) for layer in inputs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

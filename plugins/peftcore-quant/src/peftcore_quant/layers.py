@@ -14,6 +14,8 @@ puts the original quantized tensors back bit for bit. torchao weights refuse to 
 
 from __future__ import annotations
 
+import ctypes
+import threading
 from typing import Any
 
 import torch
@@ -112,7 +114,7 @@ class Lora4bit(QuantLoraLinear):
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         state = getattr(base.weight, "quant_state", None)
-        if (x.device.type != "cpu" or state is None or not state.nested or base.compute_dtype is None
+        if (x.device.type != "cpu" or state is None or base.compute_dtype is None
                 or getattr(state, "packing_format_for_cpu", False) or x.numel() == 0):
             return base(x)
         # bitsandbytes' own computation (dequantize_4bit, then F.linear; backward dequantizes
@@ -120,10 +122,14 @@ class Lora4bit(QuantLoraLinear):
         # instead of in every forward and backward: that step (dequantize_blockwise) took about
         # as long as the 4-bit dequantization itself (9 of 18 ms for a 2816 x 1024 weight here).
         # The scales cost 4 bytes per 64 weights (+12.5 % over the 4-bit weight); outputs and
-        # gradients are bitsandbytes' own bit for bit (tests/test_layers.py).
+        # gradients are bitsandbytes' own bit for bit (tests/test_layers.py). The dequantized
+        # weight goes into a reused buffer (_dequantize_4bit_scratch), not a new one per call.
         cached = self.__dict__.get("_absmax")
         if cached is None or cached[0] is not state:
-            absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            if state.nested:
+                absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            else:
+                absmax = state.absmax
             cached = self.__dict__["_absmax"] = (state, absmax.float())
         bias = base.bias
         x_c = x.to(base.compute_dtype)
@@ -160,14 +166,86 @@ class Lora4bit(QuantLoraLinear):
         weight.data, weight.quant_state = packed, new_state
 
 
+# -- the 4-bit weight dequantized into a reused buffer ----------------------------------------------
+# bitsandbytes' CPU op returns a new tensor for every dequantization (4 to 11 MB per layer of the
+# 0.4 B benchmark model, in forward and again in backward). Once glibc's mmap threshold has risen,
+# such blocks come from its heap, and the activations allocated between them keep the freed blocks
+# from being reused: the heap grows by about their total. Its .out kernels exist for GPUs only, so
+# the buffer is filled by the CPU kernel that op calls, checked once per (quant type, dtype)
+# against the op and used only where the two agree bit for bit; otherwise, and while compiling,
+# the op itself runs.
+_scratch = threading.local()  # per thread (CPU autograd runs backward in the calling thread): dtype -> flat buffer
+_direct_agrees: dict[tuple[str, torch.dtype], bool] = {}  # (quant_type, dtype) -> the direct kernel matched the op
+_KERNEL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _dequantize_4bit_op(packed, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
+    return torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, quant_type, shape, dtype)
+
+
+def _dequantize_4bit_direct(packed, absmax, blocksize, quant_type, out) -> None:
+    """bitsandbytes' CPU 4-bit dequantization kernel (the one its CPU op calls) writing into
+    ``out``, ``(rows, cols)`` contiguous; ``packed`` uint8, ``absmax`` float32, both contiguous."""
+    from bitsandbytes.cextension import lib  # no public form: the op allocates its own output
+
+    kernel = getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_KERNEL_DTYPE[out.dtype]}")
+    rows, cols = out.shape
+    kernel(ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+           ctypes.c_longlong(blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+
+
+def _direct_applies(quant_type: str, dtype: torch.dtype) -> bool:
+    """Whether the direct kernel gives the op's result bit for bit here (checked once, on a small weight)."""
+    key = (quant_type, dtype)
+    if key not in _direct_agrees:
+        try:
+            w = torch.randn(6, 128, generator=torch.Generator().manual_seed(0)).to(dtype)
+            packed, state = _bnb().functional.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=False)
+            absmax = state.absmax.float()
+            out = torch.empty(6, 128, dtype=dtype)
+            _dequantize_4bit_direct(packed.view(torch.uint8), absmax, 64, quant_type, out)
+            _direct_agrees[key] = torch.equal(out, _dequantize_4bit_op(packed, absmax, 64, quant_type, (6, 128), dtype))
+        except Exception:  # a bitsandbytes without these kernels (or with other arguments): the op
+            _direct_agrees[key] = False
+    return _direct_agrees[key]
+
+
+def _dequantize_4bit_scratch(packed, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
+    """A 4-bit weight dequantized as bitsandbytes' op does, written into this thread's buffer.
+
+    Args:
+        packed: the packed weight (``Params4bit.data``), ``out * in / 2`` bytes.
+        absmax: float32 block scales, ``(out * in / blocksize,)``.
+        blocksize, quant_type, shape, dtype: as for ``torch.ops.bitsandbytes.dequantize_4bit``.
+
+    Returns:
+        ``(out, in)`` in ``dtype``: a view of a buffer that the next call in this thread overwrites,
+        so the caller uses it at once and lets nothing keep it (autograd must not save it). Where
+        the direct kernel does not apply, a new tensor (the op's).
+    """
+    if (len(shape) != 2 or shape[-1] % 2 or blocksize >= 2048 or dtype not in _KERNEL_DTYPE  # the op's own fallbacks
+            or torch.compiler.is_compiling() or not packed.is_contiguous() or absmax.dtype != torch.float32
+            or not absmax.is_contiguous() or not _direct_applies(quant_type, dtype)):
+        return _dequantize_4bit_op(packed, absmax, blocksize, quant_type, shape, dtype)
+    n = shape[0] * shape[1]
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < n:
+        buffer = buffers[dtype] = torch.empty(n, dtype=dtype)  # per thread and dtype, as large as the largest weight
+    out = buffer[:n].view(shape)
+    _dequantize_4bit_direct(packed.view(torch.uint8), absmax, blocksize, quant_type, out)
+    return out
+
+
 class _Dequantized4bitLinear(torch.autograd.Function):
     """``F.linear(x, dequantize_4bit(packed, absmax), bias)`` as bitsandbytes' ``MatMul4Bit``
     computes it on the CPU (no weight gradient; backward dequantizes again, nothing weight-sized is
-    saved), given block scales that are already plain float32."""
+    saved), given block scales that are already plain float32. The dequantized weight lives in the
+    thread's reused buffer (``_dequantize_4bit_scratch``) only while the matmul runs."""
 
     @staticmethod
     def forward(ctx, x, packed, absmax, bias, shape, blocksize, quant_type):
-        weight = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, quant_type, shape, x.dtype)
+        weight = _dequantize_4bit_scratch(packed, absmax, blocksize, quant_type, shape, x.dtype)
         ctx.save_for_backward(packed, absmax)
         ctx.meta = (shape, blocksize, quant_type)
         return torch.nn.functional.linear(x, weight, bias)
@@ -178,7 +256,9 @@ class _Dequantized4bitLinear(torch.autograd.Function):
         shape, blocksize, quant_type = ctx.meta
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), absmax, blocksize, quant_type, shape, grad_y.dtype)
+            # Under create_graph the matmul saves its operands: a weight of its own then.
+            dequantize = _dequantize_4bit_op if torch.is_grad_enabled() else _dequantize_4bit_scratch
+            weight = dequantize(packed, absmax, blocksize, quant_type, shape, grad_y.dtype)
             grad_x = torch.matmul(grad_y, weight)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
@@ -201,27 +281,46 @@ def dequantize_4bit(weight: Any) -> torch.Tensor:
     return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
+def int8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bitsandbytes ``Linear8bitLt``'s int8 weight ``(out, in)`` and row scales ``(out,)``.
+
+    bitsandbytes keeps the scales on the weight (``weight.SCB``) until the layer's first forward,
+    then moves them to ``state.SCB`` (``init_8bit_state``). Doing that move here first keeps one
+    place for them, so dequantizing or merging before or after a forward is the same.
+    """
+    if getattr(base.weight, "CB", None) is not None:
+        base.init_8bit_state()
+    return base.weight.data, base.state.SCB
+
+
+def set_int8_weight(base: nn.Module, CB: torch.Tensor, SCB: torch.Tensor) -> None:
+    """Gives a ``Linear8bitLt`` a new int8 weight and row scales, where its forward reads them."""
+    int8_weight(base)
+    base.weight.data = CB
+    base.state.CB, base.state.SCB = CB, SCB
+
+
+def requantize_int8(base: nn.Module, merged: torch.Tensor) -> None:
+    """Quantizes ``merged`` (``(out, in)`` float) to int8 with one absmax scale per row, into ``base``."""
+    CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
+    set_int8_weight(base, CB, SCB)
+
+
 class Lora8bit(QuantLoraLinear):
     """LoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
 
     def dequantized(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
+        CB, SCB = int8_weight(self.base_layer)
+        return CB.float() * (SCB.float()[:, None] / 127.0)
 
     def _snapshot(self) -> Any:
-        weight = self.base_layer.weight
-        return weight.data, weight.SCB, self.base_layer.state.SCB
+        return int8_weight(self.base_layer)
 
     def _restore(self, snapshot: Any) -> None:
-        weight = self.base_layer.weight
-        weight.data, weight.SCB, self.base_layer.state.SCB = snapshot
-        self.base_layer.state.CB = weight.data
+        set_int8_weight(self.base_layer, *snapshot)
 
     def _requantize(self, merged: torch.Tensor) -> None:
-        CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
-        weight = self.base_layer.weight
-        weight.data, weight.SCB = CB, SCB
-        self.base_layer.state.CB, self.base_layer.state.SCB = CB, SCB
+        requantize_int8(self.base_layer, merged)
 
 
 class LoraTorchao(QuantLoraLinear):
