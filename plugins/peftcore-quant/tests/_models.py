@@ -1,4 +1,5 @@
-"""Tiny models for the plugin's tests (sizes bitsandbytes' CPU kernels accept: multiples of 64)."""
+"""Tiny models for the plugin's tests (sizes bitsandbytes' CPU kernels accept: multiples of 64), and the
+requantization bound the merge tests check."""
 
 from __future__ import annotations
 
@@ -32,3 +33,21 @@ def quantized_llama(kind: str, seed: int = 0, cpu_repack: bool = False) -> trans
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+def half_step(base: torch.nn.Module) -> torch.Tensor:
+    """Per element of a bitsandbytes layer's (merged) weight, half the largest gap between adjacent
+    levels times its scale: the most that rounding to the nearest level moves it (the bound
+    docs/quantization.md states), ``(out, in)``."""
+    import bitsandbytes.functional as bF
+
+    from peftcore_quant.layers import int8_weight
+
+    if type(base).__name__ == "Linear8bitLt":
+        CB, SCB = int8_weight(base)
+        return (0.5 / 127.0) * SCB.float()[:, None].expand(CB.shape)
+    state = base.weight.quant_state
+    levels = state.code.float().sort().values
+    half_gap = 0.5 * (levels[1:] - levels[:-1]).max()
+    absmax = bF.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax.float()
+    return half_gap * absmax.repeat_interleave(state.blocksize)[: state.shape.numel()].view(state.shape)

@@ -20,7 +20,7 @@ from peftcore_dora import reference_dora_weight
 from peftcore_quant import prepare_for_training, quantize_model
 from peftcore_quant.dora_layers import Dora4bit, Dora8bit, DoraTorchao, QuantDoraLayer
 
-from _models import quantized_llama, tiny_llama
+from _models import half_step, quantized_llama, tiny_llama
 
 LAYER = {"nf4": Dora4bit, "fp4": Dora4bit, "int8": Dora8bit, "torchao-int8": DoraTorchao}
 KINDS = list(LAYER)
@@ -106,21 +106,6 @@ def test_forward_and_gradients_are_the_dora_formula_over_the_quantized_matmul(ki
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
 
 
-def _half_step(layer: QuantDoraLayer) -> torch.Tensor:
-    """Per element of the (merged) quantized weight, half the largest gap between adjacent levels
-    times its scale: the most that rounding to the nearest level moves it (docs/quantization.md)."""
-    if isinstance(layer, Dora8bit):
-        _, SCB = layer._int8()
-        return (0.5 / 127.0) * SCB.float()[:, None].expand(layer.base_layer.weight.shape)
-    import bitsandbytes.functional as bF
-
-    state = layer.base_layer.weight.quant_state
-    levels = state.code.float().sort().values
-    half_gap = 0.5 * (levels[1:] - levels[:-1]).max()
-    absmax = bF.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax.float()
-    return half_gap * absmax.repeat_interleave(state.blocksize)[: state.shape.numel()].view(state.shape)
-
-
 @pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_merge_requantizes_the_dora_weight_within_half_a_step_and_unmerge_restores_exactly(kind):
     model = _wrapped(kind)
@@ -135,7 +120,7 @@ def test_merge_requantizes_the_dora_weight_within_half_a_step_and_unmerge_restor
     err = (layer.dequantized().float() - exact).abs()
     assert err.max() > 0  # lossy: the kit's merge check is skipped for this reason
     # 3 %: with double quantization the block scales are themselves 8-bit quantized
-    assert (err <= _half_step(layer) * 1.03 + 1e-6).all()
+    assert (err <= half_step(layer.base_layer) * 1.03 + 1e-6).all()
     with torch.no_grad():
         y_merged = model(ids).logits
     # Requantizing moves outputs, but far less than the adapter's own effect, which merging keeps.

@@ -34,7 +34,7 @@ from torch import nn
 from peftcore.errors import AdapterStateError
 from peftcore_dora.layers import DoraLayer
 
-from peftcore_quant.layers import _bnb, _unpack_for_cpu, dequantize_4bit
+from peftcore_quant.layers import _bnb, _unpack_for_cpu, dequantize_4bit, int8_weight, requantize_int8, set_int8_weight
 
 
 class QuantDoraLayer(DoraLayer):
@@ -170,37 +170,18 @@ class Dora4bit(QuantDoraLayer):
 class Dora8bit(QuantDoraLayer):
     """DoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
 
-    def _int8(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 weight ``(out, in)`` and its row scales ``(out,)``.
-
-        bitsandbytes keeps the scales on the weight (``weight.SCB``) until the layer's first
-        forward, then moves them to ``state.SCB`` (``init_8bit_state``). Doing that move here
-        first keeps one place for them, so a merge before or after a forward is the same.
-        """
-        base = self.base_layer
-        if getattr(base.weight, "CB", None) is not None:
-            base.init_8bit_state()
-        return base.weight.data, base.state.SCB
-
     def dequantized(self) -> torch.Tensor:
-        CB, SCB = self._int8()
+        CB, SCB = int8_weight(self.base_layer)
         return CB.float() * (SCB.float()[:, None] / 127.0)
 
     def _snapshot(self) -> Any:
-        return self._int8()
+        return int8_weight(self.base_layer)
 
     def _restore(self, snapshot: Any) -> None:
-        self._set_int8(*snapshot)
+        set_int8_weight(self.base_layer, *snapshot)
 
     def _requantize(self, merged: torch.Tensor) -> None:
-        CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
-        self._set_int8(CB, SCB)
-
-    def _set_int8(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
-        self._int8()  # the scales in state, where forward reads them
-        base = self.base_layer
-        base.weight.data = CB
-        base.state.CB, base.state.SCB = CB, SCB
+        requantize_int8(self.base_layer, merged)
 
 
 class DoraTorchao(QuantDoraLayer):

@@ -281,27 +281,46 @@ def dequantize_4bit(weight: Any) -> torch.Tensor:
     return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
+def int8_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bitsandbytes ``Linear8bitLt``'s int8 weight ``(out, in)`` and row scales ``(out,)``.
+
+    bitsandbytes keeps the scales on the weight (``weight.SCB``) until the layer's first forward,
+    then moves them to ``state.SCB`` (``init_8bit_state``). Doing that move here first keeps one
+    place for them, so dequantizing or merging before or after a forward is the same.
+    """
+    if getattr(base.weight, "CB", None) is not None:
+        base.init_8bit_state()
+    return base.weight.data, base.state.SCB
+
+
+def set_int8_weight(base: nn.Module, CB: torch.Tensor, SCB: torch.Tensor) -> None:
+    """Gives a ``Linear8bitLt`` a new int8 weight and row scales, where its forward reads them."""
+    int8_weight(base)
+    base.weight.data = CB
+    base.state.CB, base.state.SCB = CB, SCB
+
+
+def requantize_int8(base: nn.Module, merged: torch.Tensor) -> None:
+    """Quantizes ``merged`` (``(out, in)`` float) to int8 with one absmax scale per row, into ``base``."""
+    CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
+    set_int8_weight(base, CB, SCB)
+
+
 class Lora8bit(QuantLoraLinear):
     """LoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
 
     def dequantized(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        return weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
+        CB, SCB = int8_weight(self.base_layer)
+        return CB.float() * (SCB.float()[:, None] / 127.0)
 
     def _snapshot(self) -> Any:
-        weight = self.base_layer.weight
-        return weight.data, weight.SCB, self.base_layer.state.SCB
+        return int8_weight(self.base_layer)
 
     def _restore(self, snapshot: Any) -> None:
-        weight = self.base_layer.weight
-        weight.data, weight.SCB, self.base_layer.state.SCB = snapshot
-        self.base_layer.state.CB = weight.data
+        set_int8_weight(self.base_layer, *snapshot)
 
     def _requantize(self, merged: torch.Tensor) -> None:
-        CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
-        weight = self.base_layer.weight
-        weight.data, weight.SCB = CB, SCB
-        self.base_layer.state.CB, self.base_layer.state.SCB = CB, SCB
+        requantize_int8(self.base_layer, merged)
 
 
 class LoraTorchao(QuantLoraLinear):
