@@ -32,6 +32,12 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _quantize_inits() -> tuple[str, ...]:
+    from peftcore.train.config import QUANTIZE_INITS
+
+    return QUANTIZE_INITS
+
+
 def _add_data_options(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default=d.data, help="training file (CSV, TSV or JSONL); default: the bundled dataset")
@@ -89,6 +95,9 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: less memory, more time")
     g.add_argument("--quantize", default=d.quantize, choices=("nf4", "fp4", "int8", "torchao-int8"),
                    help="quantize the frozen base's linear layers (QLoRA; needs the peftcore-quant plugin), docs/quantization.md")
+    g.add_argument("--quantize-init", default=d.quantize_init, choices=_quantize_inits(),
+                   help="--quantize with LoRA: start the factors from the quantization error, weighted by the first training "
+                        "examples' activations (calibrated), from the weight error alone (svd), or at zero (none)")
     g.add_argument("--teacher", default=d.teacher, metavar="RUN_DIR",
                    help="knowledge distillation from the classifier of this 'peftcore finetune' run directory")
     g.add_argument("--few-shot", type=int, default=d.few_shot, metavar="K",

@@ -12,6 +12,9 @@ from peftcore.train.strategies import LAYER_STRATEGIES, StrategyConfig, default_
 #: Validation metrics early stopping can watch, and whether higher is better.
 STOP_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 
+#: How ``--quantize`` starts LoRA's factors (``--quantize-init``).
+QUANTIZE_INITS = ("calibrated", "svd", "none")
+
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -62,6 +65,10 @@ class FinetuneConfig:
         gradient_checkpointing: recompute activations in backward (less memory, more time).
         quantize: quantize the base model's linear layers before wrapping (``nf4``, ``fp4``, ``int8``,
             ``torchao-int8``; needs the peftcore-quant plugin and a PEFT method such as LoRA).
+        quantize_init: with ``quantize`` and LoRA: start the factors from the quantization error
+            (``peftcore_quant.init_from_quantization_error``): ``"calibrated"`` (weighted by the
+            layers' inputs on the first training examples), ``"svd"`` (the weight error alone), or
+            ``"none"`` (LoRA's own init, B = 0: the quantized base unchanged at the start).
         freeze_blocks: ``partial``: bottom blocks to freeze (``None`` = half).
         freeze: ``partial``: regex of parameter names to freeze as well.
         lr_decay: ``discriminative``/``progressive``: rate factor per block downwards.
@@ -114,6 +121,7 @@ class FinetuneConfig:
     few_shot_baseline: bool = True
     gradient_checkpointing: bool = False
     quantize: str | None = None
+    quantize_init: str = "calibrated"
     freeze_blocks: int | None = None
     freeze: str | None = None
     lr_decay: float | None = None
@@ -197,6 +205,8 @@ class FinetuneConfig:
         if self.quantize is not None and self.resolved_strategy in LAYER_STRATEGIES:
             raise ConfigError(f"--quantize {self.quantize} needs a PEFT method (e.g. lora) over the frozen quantized base, "
                               f"not the strategy {self.resolved_strategy!r}, which trains base weights")
+        if self.quantize_init not in QUANTIZE_INITS:
+            raise bad("quantize_init", f"must be one of {', '.join(QUANTIZE_INITS)}")
         if self.teacher is not None:
             from peftcore.train.distill import check_options
 

@@ -140,21 +140,56 @@ def prepare_run_dir(out: str | os.PathLike | None, overwrite: bool, prefix: str 
     return run_dir
 
 
-def quantize_base(model: torch.nn.Module, kind: str) -> None:
+def _quant_plugin(kind: str):
+    try:
+        import peftcore_quant
+    except ImportError as exc:
+        raise PeftcoreError(f"--quantize {kind} needs the peftcore-quant plugin: pip install peftcore-quant "
+                            "(from a source tree: pip install --no-build-isolation -e plugins/peftcore-quant)") from exc
+    return peftcore_quant
+
+
+def quantize_base(model: torch.nn.Module, kind: str, keep_original: bool = False) -> dict[str, torch.Tensor] | None:
     """Quantizes the classifier's linear layers (not its head) through the peftcore-quant plugin.
+
+    Returns:
+        With ``keep_original``, the full-precision weights of the layers it quantized (module
+        path -> weight), for :func:`init_from_quantization_error`; else ``None``.
 
     Raises:
         PeftcoreError: the plugin is not installed.
     """
-    try:
-        from peftcore_quant import prepare_for_training, quantize_model
-    except ImportError as exc:
-        raise PeftcoreError(f"--quantize {kind} needs the peftcore-quant plugin: pip install peftcore-quant "
-                            "(from a source tree: pip install --no-build-isolation -e plugins/peftcore-quant)") from exc
+    plugin = _quant_plugin(kind)
+    linear = {path: m.weight.detach().clone() for path, m in model.named_modules() if type(m) is torch.nn.Linear} if keep_original else None
     # The task head stays in full precision: the classifier and, for BERT-style models, the pooler
     # that feeds it directly.
-    quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj", "*pooler*"))
-    prepare_for_training(model)
+    plugin.quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj", "*pooler*"))
+    plugin.prepare_for_training(model)
+    return linear
+
+
+def init_from_quantization_error(model: torch.nn.Module, config: FinetuneConfig, original: dict[str, torch.Tensor],
+                                 train_batches: list, log: Callable[[str], None]) -> None:
+    """``--quantize-init``: LoRA's factors from the quantization error (peftcore-quant's
+    ``init_from_quantization_error``), weighted by the inputs of ``train_batches`` (``calibrated``)."""
+    plugin = _quant_plugin(config.quantize)
+    calibration = None
+    if config.quantize_init == "calibrated":
+        calibration = [batch.inputs for batch in train_batches]
+    report = plugin.init_from_quantization_error(model, original, calibration)
+    before = sum(r.before for r in report.values()) / len(report)
+    after = sum(r.after for r in report.values()) / len(report)
+    what = "output error on the first training examples" if calibration is not None else "weight error"
+    log(f"LoRA initialised from the quantization error ({config.quantize_init}): mean relative {what} "
+        f"of the {len(report)} quantized layers {before:.4f} -> {after:.4f}")
+
+
+#: Training examples ``--quantize-init calibrated`` runs through the model to weight the error by.
+CALIBRATION_EXAMPLES = 256
+
+
+def _inits_from_error(config: FinetuneConfig) -> bool:
+    return config.quantize_init != "none" and config.resolved_strategy == "lora"
 
 
 def enable_checkpointing(model: torch.nn.Module) -> None:
@@ -273,13 +308,19 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     run_dir = run_dir_path(config.out, config.overwrite)
     model_dir = config.model or default_model_path()
     model, tokenizer = load_classifier(model_dir, labels)
+    original = None
     if config.quantize is not None:
-        quantize_base(model, config.quantize)
+        original = quantize_base(model, config.quantize, keep_original=_inits_from_error(config))
     label_ids = {label: i for i, label in enumerate(labels)}
     val_batches = data_mod.batches(val_data, tokenizer, label_ids, config.batch_size, config.max_length)
 
     seed_everything(config.seed)
     plan = apply_strategy(model, strategy)
+    if original is not None:
+        first = train_data.subset(range(min(CALIBRATION_EXAMPLES, len(train_data.texts))))
+        init_from_quantization_error(model, config, original, data_mod.batches(first, tokenizer, label_ids, config.batch_size,
+                                                                               config.max_length), log)
+        del original
     trainable = sum(p.numel() for _, p in plan.named_parameters())
     total = sum(p.numel() for p in model.parameters())
     log(f"model: {model_dir} ({type(model).__name__}), strategy: {plan.strategy}, lr {strategy.base_lr:g}")

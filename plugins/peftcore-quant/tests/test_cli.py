@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import peftcore
 from peftcore.errors import ConfigError
 from peftcore.train.config import FinetuneConfig
 
@@ -15,6 +16,11 @@ from peftcore.train.config import FinetuneConfig
 def test_quantize_needs_a_peft_method():
     with pytest.raises(ConfigError, match="--quantize nf4 needs a PEFT method"):
         FinetuneConfig(strategy="full", quantize="nf4").validate()
+
+
+def test_quantize_init_names_its_choices():
+    with pytest.raises(ConfigError, match="--quantize-init must be one of calibrated, svd, none, got .loftq."):
+        FinetuneConfig(quantize="nf4", quantize_init="loftq").validate()
 
 
 @pytest.mark.slow
@@ -28,3 +34,23 @@ def test_finetune_quantize_runs_and_learns(kind, tmp_path):
     assert "validation accuracy after fine-tuning" in done.stdout + done.stderr
     files = {p.name for p in out.rglob("*")}
     assert "adapter_config.json" in files, files
+    # the factors started from the quantization error, weighted by the training examples' inputs
+    line = next(l for l in done.stdout.splitlines() if l.startswith("LoRA initialised from the quantization error (calibrated)"))
+    before, after = (float(v) for v in line.rsplit(" ", 3)[1::2])
+    assert 0 < after < before, line
+
+    # The saved adapter is all a user needs: on a freshly quantized base it scores what the run reported.
+    from peftcore.train import data as data_mod
+    from peftcore.train import finetune
+    from peftcore.train.loop import evaluate
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = FinetuneConfig(max_length=32)
+    train, val = finetune.load_data(config)
+    labels = data_mod.label_set(train, val)
+    model, tokenizer = finetune.load_classifier(finetune.default_model_path(), labels)
+    finetune.quantize_base(model, kind)
+    peftcore.load(model, out / "adapter")
+    batches = data_mod.batches(val, tokenizer, {l: i for i, l in enumerate(labels)}, config.batch_size, config.max_length)
+    report, _ = evaluate(model.eval(), batches, labels, progress=False)
+    assert report.accuracy == pytest.approx(metrics["accuracy_after"], abs=1e-12)
