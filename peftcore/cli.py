@@ -96,8 +96,8 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--quantize", default=d.quantize, choices=("nf4", "fp4", "int8", "torchao-int8"),
                    help="quantize the frozen base's linear layers (QLoRA; needs the peftcore-quant plugin), docs/quantization.md")
     g.add_argument("--quantize-init", default=d.quantize_init, choices=_quantize_inits(),
-                   help="--quantize with LoRA: start the factors from the quantization error, weighted by the first training "
-                        "examples' activations (calibrated), from the weight error alone (svd), or at zero (none)")
+                   help="--quantize with LoRA: start from the quantized model (none: B = 0), or start the factors from the "
+                        "quantization error, weighted by the first training examples' activations (calibrated) or alone (svd)")
     g.add_argument("--teacher", default=d.teacher, metavar="RUN_DIR",
                    help="knowledge distillation from the classifier of this 'peftcore finetune' run directory")
     g.add_argument("--few-shot", type=int, default=d.few_shot, metavar="K",

@@ -27,7 +27,7 @@ def test_quantize_init_names_its_choices():
 @pytest.mark.parametrize("kind", ["nf4"])  # int8 (bitsandbytes Linear8bitLt) is several times slower on the CPU
 def test_finetune_quantize_runs_and_learns(kind, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "peftcore", "finetune", "--quantize", kind, "--epochs", "1", "--max-length", "32",
+    cmd = [sys.executable, "-m", "peftcore", "finetune", "--quantize", kind, "--quantize-init", "calibrated", "--epochs", "1", "--max-length", "32",
            "--no-progress", "--threads", "1", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
