@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -165,7 +166,15 @@ def quantize_base(model: torch.nn.Module, kind: str, keep_original: bool = False
     # that feeds it directly.
     plugin.quantize_model(model, kind, skip=("classifier", "score", "head", "pre_classifier", "out_proj", "*pooler*"))
     plugin.prepare_for_training(model)
+    if kind == "int8":  # bitsandbytes logs this for every int8 matmul with float32 inputs (720 lines a default run)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_int8_cast_notice)
     return linear
+
+
+def _int8_cast_notice(record: logging.LogRecord) -> bool:
+    """Drops bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" (expected: its int8
+    matmul computes in fp16, docs/quantization.md); passes every other record."""
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def init_from_quantization_error(model: torch.nn.Module, config: FinetuneConfig, original: dict[str, torch.Tensor],
