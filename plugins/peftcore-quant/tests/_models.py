@@ -51,3 +51,22 @@ def half_step(base: torch.nn.Module) -> torch.Tensor:
     half_gap = 0.5 * (levels[1:] - levels[:-1]).max()
     absmax = bF.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax.float()
     return half_gap * absmax.repeat_interleave(state.blocksize)[: state.shape.numel()].view(state.shape)
+
+
+def train_steps(model: torch.nn.Module, ids: torch.Tensor, steps: int = 12, lr: float = 1e-2) -> list[float]:
+    """A user's loop: one eval pass first (as a validation pass does: bitsandbytes then repacks
+    4-bit weights for its CPU inference kernel), then ``steps`` AdamW steps on the causal-LM loss
+    of ``ids`` over the trainable parameters; the losses, and the model left in eval mode."""
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses

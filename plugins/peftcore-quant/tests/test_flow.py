@@ -10,7 +10,7 @@ import transformers
 import peftcore
 from peftcore_quant import Lora4bit, Lora8bit, LoraTorchao, prepare_for_training
 
-from _models import tiny_llama
+from _models import tiny_llama, train_steps
 
 CONFIGS = {
     "bnb-nf4": (lambda: transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -50,20 +50,9 @@ def test_load_quantized_wrap_train_save_and_load(kind, model_dir, tmp_path):
 
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (4, 16))
-    with torch.no_grad():  # an eval pass first, as a training loop's validation does (bitsandbytes
-        model.eval()(input_ids=ids)  # then repacks 4-bit weights for its CPU inference kernel)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids)  # an eval pass, then 12 steps
     assert losses[-1] < 0.9 * losses[0], losses
 
-    model.eval()
     with torch.no_grad():
         y = model(input_ids=ids).logits
     peftcore.save(model, tmp_path / "adapter")

@@ -119,8 +119,9 @@ def test_merged_outputs_stay_close_and_unwrap_merge_gives_a_quantized_model():
     assert type(plain.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
 
 
-def test_torchao_refuses_to_merge_and_keeps_the_model_as_it_was():
-    model = _wrapped("torchao-int8")
+@pytest.mark.parametrize("method", ["lora", "dora"])  # dora: the peftcore-dora plugin's layers over torchao
+def test_torchao_refuses_to_merge_and_keeps_the_model_as_it_was(method):
+    model = peftcore.wrap(quantized_llama("torchao-int8"), method, rank=4, targets="all-linear")
     ids = torch.randint(0, 128, (2, 8))
     with torch.no_grad():
         y = model(ids).logits
