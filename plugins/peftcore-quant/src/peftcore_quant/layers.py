@@ -32,41 +32,34 @@ def _bnb():
     return bnb
 
 
-class QuantLoraLinear(LoraLinear):
-    """LoRA on a quantized linear layer: ``y = base_layer(x) + scale * dropout(x) A^T B^T``.
+class _RequantizingMerge:
+    """Mixin for an adapter layer over a quantized base: the quantized-base interface and the merge stack.
 
-    Subclasses say how to dequantize (and, for merging, requantize) their base's weight.
+    Merging snapshots the base's quantized tensors, computes the merged weight in float32
+    (:meth:`_merged_weight`, per method) and quantizes it again into the base (:meth:`_requantize`,
+    per kind of base). ``unmerge`` restores the snapshot taken before the first of the adapters it
+    takes out, bit for bit, and merges the later ones again. A per-kind base mixin (``_Bnb4bitBase``,
+    ``_Bnb8bitBase``, ``_TorchaoBase``) supplies ``dequantized``, ``_snapshot``, ``_restore`` and
+    ``_requantize``. Bases go in that order: ``Lora4bit(_Bnb4bitBase, QuantLoraLinear)`` with
+    ``QuantLoraLinear(_RequantizingMerge, LoraLinear)`` (DoRA alike), so each mixin's ``super()``
+    reaches the method's layer class.
     """
 
-    supports_routing = True  # routed rows: the base's own output plus lora_grouped_add_ (peftcore/tuners/lora/routed.py)
+    _adapter_noun = "adapter"  # how refusals name an adapter
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self._saved_quant: dict[str, Any] = {}  # adapter -> the base's quantized state before merge
-
-    # -- what LoraLinear reads -----------------------------------------------------------------
-    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        base = self.base_layer
-        return (rank, base.in_features), (base.out_features, rank)
-
-    def factor_dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x)
-
-    def base_weight(self) -> torch.Tensor:
-        """The dequantized base weight, ``(out, in)`` float (a new tensor: for PiSSA and checks)."""
-        return self.dequantized()
-
-    def weight_for_op(self) -> torch.Tensor:
-        return self.dequantized()
+        self._saved_quant: dict[str, Any] = {}  # adapter -> the base's quantized state before its merge
 
     def dequantized(self) -> torch.Tensor:
-        """The base weight dequantized, ``(out_features, in_features)``."""
+        """The base weight dequantized, ``(out_features, in_features)``: a new tensor each call."""
         raise NotImplementedError
 
-    # -- merge -----------------------------------------------------------------------------------
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of the adapter's tensors (factors; DoRA: also the magnitude and the norm
+        computation): float32 whatever the base stores."""
+        return torch.float32
+
     def _snapshot(self) -> Any:
         raise NotImplementedError
 
@@ -76,22 +69,24 @@ class QuantLoraLinear(LoraLinear):
     def _requantize(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def _merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with adapter ``name`` merged, ``(out, in)`` float32, before requantization
+        (called under ``no_grad``; may be a fresh tensor written in place)."""
+        raise NotImplementedError
+
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:
             return
-        if self.lora_config[name].init == "pissa":
-            raise AdapterStateError(f"adapter {name!r}: merging a PiSSA adapter into a quantized base is not supported")
         snapshot = self._snapshot()
         with torch.no_grad():
-            merged = self.dequantized().float() + self.delta_weight(name)
-            self._requantize(merged)
+            self._requantize(self._merged_weight(name))
         self._saved_quant[name] = snapshot
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged_adapters:
             return
-        # Later merges were made on top of this one: take them out first (exact restore).
+        # Later merges were made on top of this one: take them out first (exact restore), then redo them.
         later = self.merged_adapters[self.merged_adapters.index(name):]
         self._restore(self._saved_quant[later[0]])
         for other in later:
@@ -105,11 +100,113 @@ class QuantLoraLinear(LoraLinear):
         super().remove_adapter(name)
 
 
-class Lora4bit(QuantLoraLinear):
-    """LoRA on bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization)."""
+# -- the kinds of quantized base, mixed in before the method's layer class -------------------------
+class _Bnb4bitBase:
+    """A bitsandbytes ``Linear4bit`` base (nf4 or fp4, with or without double quantization)."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval
+        # forward without autograd. That kernel computes in bf16 whatever the compute dtype (outputs
+        # move by ~5e-3 on a 64-wide layer), has no backward, and the repacking does not round-trip
+        # exactly; a wrapped layer keeps the portable layout so train and eval compute alike.
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            base_layer.support_avx512bf16_for_cpu = False
+        _unpack_for_cpu(base_layer.weight)  # repacked by an eval pass before wrapping
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_4bit(self.base_layer.weight)
+
+    def _snapshot(self) -> Any:
+        weight = self.base_layer.weight
+        _unpack_for_cpu(weight)  # merge and unmerge work on bitsandbytes' portable layout
+        return weight.data, weight.quant_state
+
+    def _restore(self, snapshot: Any) -> None:
+        weight = self.base_layer.weight
+        weight.data, weight.quant_state = snapshot
+
+    def _requantize(self, merged: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        state = weight.quant_state
+        packed, new_state = _bnb().functional.quantize_4bit(
+            merged.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested,
+            quant_type=state.quant_type, quant_storage=weight.quant_storage,
+        )
+        weight.data, weight.quant_state = packed, new_state
+
+
+class _Bnb8bitBase:
+    """A bitsandbytes ``Linear8bitLt`` base (int8 weight with one scale per output row)."""
+
+    def dequantized(self) -> torch.Tensor:
+        CB, SCB = int8_weight(self.base_layer)
+        return CB.float() * (SCB.float()[:, None] / 127.0)
+
+    def _snapshot(self) -> Any:
+        return int8_weight(self.base_layer)
+
+    def _restore(self, snapshot: Any) -> None:
+        set_int8_weight(self.base_layer, *snapshot)
+
+    def _requantize(self, merged: torch.Tensor) -> None:
+        requantize_int8(self.base_layer, merged)
+
+
+class _TorchaoBase:
+    """An ``nn.Linear`` base whose weight is a torchao quantized tensor (e.g. int8 weight-only)."""
+
+    def dequantized(self) -> torch.Tensor:
+        return self.base_layer.weight.dequantize()
+
+    def factor_dtype(self) -> torch.dtype:
+        return self.base_layer.weight.dtype  # the weight's logical (compute) dtype
+
+    def merge(self, name: str) -> None:
+        raise AdapterStateError(
+            f"{self._adapter_noun} {name!r}: merging into a torchao-quantized weight ({type(self.base_layer.weight).__name__}) "
+            "is not supported (requantizing needs the quantization config, which the tensor does not record); "
+            "keep the adapter unmerged, or load the base unquantized, merge there, and quantize the result"
+        )
+
+
+# -- LoRA layers --------------------------------------------------------------------------------------
+class QuantLoraLinear(_RequantizingMerge, LoraLinear):
+    """LoRA on a quantized linear layer: ``y = base_layer(x) + scale * dropout(x) A^T B^T``.
+
+    Subclasses say how to dequantize (and, for merging, requantize) their base's weight: a base
+    mixin first, e.g. ``Lora4bit(_Bnb4bitBase, QuantLoraLinear)``.
+    """
+
+    supports_routing = True  # routed rows: the base's own output plus lora_grouped_add_ (peftcore/tuners/lora/routed.py)
+
+    # -- what LoraLinear reads -----------------------------------------------------------------
+    def factor_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.base_layer
+        return (rank, base.in_features), (base.out_features, rank)
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized base weight, ``(out, in)`` float (a new tensor: for PiSSA and checks)."""
+        return self.dequantized()
+
+    def weight_for_op(self) -> torch.Tensor:
+        return self.dequantized()
+
+    # -- merge -----------------------------------------------------------------------------------
+    def merge(self, name: str) -> None:
+        if name not in self.merged_adapters and self.lora_config[name].init == "pissa":
+            raise AdapterStateError(f"adapter {name!r}: merging a PiSSA adapter into a quantized base is not supported")
+        super().merge(name)
+
+    def _merged_weight(self, name: str) -> torch.Tensor:
+        return self.dequantized().float() + self.delta_weight(name)
+
+
+class Lora4bit(_Bnb4bitBase, QuantLoraLinear):
+    """LoRA on bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization)."""
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -137,33 +234,13 @@ class Lora4bit(QuantLoraLinear):
                                          tuple(state.shape), state.blocksize, state.quant_type)
         return y.to(x.dtype)
 
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        # bitsandbytes repacks a 4-bit weight for its AVX512-BF16 CPU kernel on the first eval
-        # forward without autograd. That kernel computes in bf16 whatever the compute dtype (outputs
-        # move by ~5e-3 on a 64-wide layer), has no backward, and the repacking does not round-trip
-        # exactly; a wrapped layer keeps the portable layout so train and eval compute alike.
-        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
-            base_layer.support_avx512bf16_for_cpu = False
-        _unpack_for_cpu(base_layer.weight)  # repacked by an eval pass before wrapping
 
-    def _snapshot(self) -> Any:
-        weight = self.base_layer.weight
-        _unpack_for_cpu(weight)  # merge and unmerge work on bitsandbytes' portable layout
-        return weight.data, weight.quant_state
+class Lora8bit(_Bnb8bitBase, QuantLoraLinear):
+    """LoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
 
-    def _restore(self, snapshot: Any) -> None:
-        weight = self.base_layer.weight
-        weight.data, weight.quant_state = snapshot
 
-    def _requantize(self, merged: torch.Tensor) -> None:
-        weight = self.base_layer.weight
-        state = weight.quant_state
-        packed, new_state = _bnb().functional.quantize_4bit(
-            merged.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested,
-            quant_type=state.quant_type, quant_storage=weight.quant_storage,
-        )
-        weight.data, weight.quant_state = packed, new_state
+class LoraTorchao(_TorchaoBase, QuantLoraLinear):
+    """LoRA on ``nn.Linear`` whose weight is a torchao quantized tensor (e.g. int8 weight-only)."""
 
 
 # -- the 4-bit weight dequantized into a reused buffer ----------------------------------------------
@@ -304,40 +381,6 @@ def requantize_int8(base: nn.Module, merged: torch.Tensor) -> None:
     """Quantizes ``merged`` (``(out, in)`` float) to int8 with one absmax scale per row, into ``base``."""
     CB, SCB, _ = _bnb().functional.int8_vectorwise_quant(merged.to(torch.float16 if merged.is_cuda else merged.dtype))
     set_int8_weight(base, CB, SCB)
-
-
-class Lora8bit(QuantLoraLinear):
-    """LoRA on bitsandbytes' ``Linear8bitLt`` (int8 weight with one scale per output row)."""
-
-    def dequantized(self) -> torch.Tensor:
-        CB, SCB = int8_weight(self.base_layer)
-        return CB.float() * (SCB.float()[:, None] / 127.0)
-
-    def _snapshot(self) -> Any:
-        return int8_weight(self.base_layer)
-
-    def _restore(self, snapshot: Any) -> None:
-        set_int8_weight(self.base_layer, *snapshot)
-
-    def _requantize(self, merged: torch.Tensor) -> None:
-        requantize_int8(self.base_layer, merged)
-
-
-class LoraTorchao(QuantLoraLinear):
-    """LoRA on ``nn.Linear`` whose weight is a torchao quantized tensor (e.g. int8 weight-only)."""
-
-    def dequantized(self) -> torch.Tensor:
-        return self.base_layer.weight.dequantize()
-
-    def factor_dtype(self) -> torch.dtype:
-        return self.base_layer.weight.dtype  # the weight's logical (compute) dtype
-
-    def merge(self, name: str) -> None:
-        raise AdapterStateError(
-            f"adapter {name!r}: merging into a torchao-quantized weight ({type(self.base_layer.weight).__name__}) "
-            "is not supported (requantizing needs the quantization config, which the tensor does not record); "
-            "keep the adapter unmerged, or load the base unquantized, merge there, and quantize the result"
-        )
 
 
 # -- handlers ---------------------------------------------------------------------------------------
