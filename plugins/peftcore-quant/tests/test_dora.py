@@ -96,7 +96,8 @@ def test_forward_and_gradients_are_the_dora_formula_over_the_quantized_matmul(ki
     bias = layer.base_layer.bias
     base = layer.base_layer(x_r)
     torch.manual_seed(7)
-    h = F.dropout(x_r, dropout, True) if dropout else x_r
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # the draw the layer makes (seeded dropout, lora_add_)
+    h = x_r * peftcore.ops.philox.keep_mask(seed, (10, x.shape[-1]), dropout).view(x.shape) / (1 - dropout) if dropout else x_r
     y_ref = (m_r / norm) * ((base if bias is None else base - bias) + scale * F.linear(F.linear(h, A_r), B_r))
     y_ref = y_ref if bias is None else y_ref + bias
     y_ref.backward(grad)

@@ -7,7 +7,9 @@ around the quantized layer's own matmul, as HF PEFT does for bitsandbytes layers
     y    = base + (m / ||V|| - 1) * (base - b) + (m / ||V||) * s * dropout(x) A^T B^T
 
 (the same thing rearranged so that the bias is not scaled, and so that a fresh adapter, where
-``m == ||V||`` and ``B == 0``, gives ``base`` bit for bit). ``||V||`` (row norms, ``(out,)``)
+``m == ||V||`` and ``B == 0``, gives ``base`` bit for bit). The last term goes through peftcore's
+op ``lora_add_`` as ``s * dropout(x) A^T (diag(m / ||V||) B)^T``, added into ``y`` in place, with
+the dropout mask drawn from a seed and regenerated in backward (as for the LoRA layers). ``||V||`` (row norms, ``(out,)``)
 needs the weight itself: each forward dequantizes it under ``no_grad`` and drops it again, so no
 full-precision copy of the weight outlives the call (caching it would undo the quantization's
 memory saving). ``||V||`` is a constant in backward (DoRA section 4.3), as in ``DoraLayer``.
@@ -26,9 +28,10 @@ it only when a layer is built.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from peftcore.errors import AdapterStateError
+from peftcore.ops.lora import new_seed_tensor
+from peftcore.ops.lora_add import lora_add_
 from peftcore_dora.layers import DoraLayer
 
 from peftcore_quant.layers import _Bnb4bitBase, _Bnb8bitBase, _RequantizingMerge, _TorchaoBase
@@ -62,6 +65,10 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
             return direction.norm(p=2, dim=1)
 
     # -- forward -------------------------------------------------------------------------------------
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized layer's own output, bias included (4-bit bases: a faster, bit-identical path)."""
+        return self.base_layer(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         running = self.running_adapters()
         if not running:
@@ -72,12 +79,14 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
         cfg = self.dora_config[name]
         A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
         factor = m / self.weight_norm(name)  # (out,); gradient to m only
-        base = self.base_layer(x)  # (*, out): the quantized layer's own matmul, bias included
-        h = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
-        low_rank = cfg.scale * F.linear(F.linear(h.to(A.dtype), A), B)  # (*, out), in the factors' dtype
+        base = self.base_output(x)  # (*, out): the quantized layer's own matmul, bias included
         bias = self.base_layer.bias
         unbiased = base if bias is None else base - bias
-        y = base + (factor - 1) * unbiased + factor * low_rank  # promotes to the factors' dtype
+        y = base + (factor - 1) * unbiased  # a new tensor, in the factors' dtype
+        # + factor * s * dropout(x) A^T B^T = s * dropout(x) A^T (factor B)^T, added in place by
+        # peftcore's op: seeded dropout regenerated in backward (no stored mask), no second output buffer
+        p = cfg.dropout if self.training else 0.0
+        y = lora_add_(y, x, A, factor[:, None] * B, cfg.scale, p, new_seed_tensor() if p > 0.0 else 0)
         return y.to(base.dtype)
 
     # -- merge -------------------------------------------------------------------------------------

@@ -117,6 +117,33 @@ class _Bnb4bitBase:
     def dequantized(self) -> torch.Tensor:
         return dequantize_4bit(self.base_layer.weight)
 
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``base_layer(x)``, bit for bit, computed faster (LoRA and DoRA layers over 4-bit bases)."""
+        base = self.base_layer
+        state = getattr(base.weight, "quant_state", None)
+        if (x.device.type != "cpu" or state is None or base.compute_dtype is None
+                or getattr(state, "packing_format_for_cpu", False) or x.numel() == 0):
+            return base(x)
+        # bitsandbytes' own computation (dequantize_4bit, then F.linear; backward dequantizes
+        # again), with the block scales' double quantization undone once per quantized state
+        # instead of in every forward and backward: that step (dequantize_blockwise) took about
+        # as long as the 4-bit dequantization itself (9 of 18 ms for a 2816 x 1024 weight here).
+        # The scales cost 4 bytes per 64 weights (+12.5 % over the 4-bit weight); outputs and
+        # gradients are bitsandbytes' own bit for bit (tests/test_layers.py). The dequantized
+        # weight goes into a reused buffer (_dequantize_4bit_scratch), not a new one per call.
+        cached = self.__dict__.get("_absmax")
+        if cached is None or cached[0] is not state:
+            if state.nested:
+                absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            else:
+                absmax = state.absmax
+            cached = self.__dict__["_absmax"] = (state, absmax.float())
+        bias = base.bias
+        x_c = x.to(base.compute_dtype)
+        y = _Dequantized4bitLinear.apply(x_c, base.weight.data, cached[1], None if bias is None else bias.to(base.compute_dtype),
+                                         tuple(state.shape), state.blocksize, state.quant_type)
+        return y.to(x.dtype)
+
     def _snapshot(self) -> Any:
         weight = self.base_layer.weight
         _unpack_for_cpu(weight)  # merge and unmerge work on bitsandbytes' portable layout
@@ -207,32 +234,6 @@ class QuantLoraLinear(_RequantizingMerge, LoraLinear):
 
 class Lora4bit(_Bnb4bitBase, QuantLoraLinear):
     """LoRA on bitsandbytes' ``Linear4bit`` (nf4 or fp4, with or without double quantization)."""
-
-    def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        state = getattr(base.weight, "quant_state", None)
-        if (x.device.type != "cpu" or state is None or base.compute_dtype is None
-                or getattr(state, "packing_format_for_cpu", False) or x.numel() == 0):
-            return base(x)
-        # bitsandbytes' own computation (dequantize_4bit, then F.linear; backward dequantizes
-        # again), with the block scales' double quantization undone once per quantized state
-        # instead of in every forward and backward: that step (dequantize_blockwise) took about
-        # as long as the 4-bit dequantization itself (9 of 18 ms for a 2816 x 1024 weight here).
-        # The scales cost 4 bytes per 64 weights (+12.5 % over the 4-bit weight); outputs and
-        # gradients are bitsandbytes' own bit for bit (tests/test_layers.py). The dequantized
-        # weight goes into a reused buffer (_dequantize_4bit_scratch), not a new one per call.
-        cached = self.__dict__.get("_absmax")
-        if cached is None or cached[0] is not state:
-            if state.nested:
-                absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-            else:
-                absmax = state.absmax
-            cached = self.__dict__["_absmax"] = (state, absmax.float())
-        bias = base.bias
-        x_c = x.to(base.compute_dtype)
-        y = _Dequantized4bitLinear.apply(x_c, base.weight.data, cached[1], None if bias is None else bias.to(base.compute_dtype),
-                                         tuple(state.shape), state.blocksize, state.quant_type)
-        return y.to(x.dtype)
 
 
 class Lora8bit(_Bnb8bitBase, QuantLoraLinear):
