@@ -72,6 +72,24 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"peftcore works on torch.nn.Module objects, got {type(model).__name__}")
 
 
+def parallel_inner(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` or ``DataParallel`` wrapper (else ``model``)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _refuse_parallel_wrapper(model: nn.Module, call: str) -> None:
+    """Adding an adapter under DDP would leave it out of DDP's gradient synchronisation."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        kind = type(model).__name__
+        raise ConfigError(
+            f"peftcore.{call} on a {kind}: {kind} records the parameters it synchronises when it is built, so an "
+            f"adapter added now would not train in step across ranks. Call peftcore.{call}(model, ...) on the model "
+            f"first, then build {kind}(model)"
+        )
+
+
 def get_state(model: nn.Module, required: bool = True) -> PeftState | None:
     """The model's :class:`PeftState`; raises :class:`AdapterStateError` if not wrapped and ``required``."""
     _check_model(model)
@@ -235,6 +253,7 @@ def wrap(
         AdapterStateError: the name is taken.
     """
     _check_model(model)
+    _refuse_parallel_wrapper(model, "wrap")
     _check_name(name)
     state = get_state(model, required=False)
     if state is not None and name in state.adapters:

@@ -86,7 +86,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, for
     so a sharded model is saved by calling this on every rank (docs/distributed.md).
 
     Args:
-        model: a wrapped model (for DDP, its ``.module``).
+        model: a wrapped model, or a ``DistributedDataParallel``/``DataParallel`` around one.
         path: the directory to write. An existing peftcore adapter directory is replaced
             atomically; any other existing non-empty directory or file is an error.
         name: which adapter; optional when the model holds one adapter or one active adapter.
@@ -104,6 +104,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, for
             format cannot hold the adapter (the message says why).
     """
     from peftcore import __version__
+    model = lifecycle.parallel_inner(model)  # DDP / DataParallel: the wrapped model inside
     if format not in (None, *FORMATS):
         raise CheckpointError(f"unknown adapter format {format!r}; pass one of {', '.join(FORMATS)} (or None: the default)")
     state = lifecycle.get_state(model)
@@ -305,6 +306,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         AdapterStateError: the name is already taken on this model.
     """
     lifecycle._check_model(model)
+    lifecycle._refuse_parallel_wrapper(model, "load")
     _check_not_sharded(model, path)
     directory = resolve(path)
     sums = _checksums(directory)
