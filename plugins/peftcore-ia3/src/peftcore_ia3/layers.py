@@ -11,7 +11,9 @@ feed-forward (input)       ``(in,)``           ``y = base(x * l)``         colum
 =========================  ==================  ==========================  ==============================
 
 ``s:e`` is all outputs except for a packed q/k/v projection (GPT-2 ``c_attn``), where it is the
-key and value part. Several active adapters multiply.
+key and value part. Several active adapters multiply. Under per-example routing
+(``model(..., adapter_names=[...])``, :mod:`peftcore.routing`) each row is scaled by its own
+example's adapter only (base rows by nothing): the vectors are gathered per row.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class IA3Layer(AdapterLayer):
     """IA3 on ``nn.Linear`` or transformers ``Conv1D``; the original stays as ``base_layer``."""
 
     method = "ia3"
+    supports_routing = True  # one adapter per example: _routed_forward
 
     def __init__(self, base_layer: nn.Module, transposed: bool = False):
         super().__init__(base_layer)
@@ -110,6 +113,8 @@ class IA3Layer(AdapterLayer):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self._routed_forward(x, self.routing)
         running = self.running_adapters()
         if not running:
             return self.base_layer(x)
@@ -120,6 +125,23 @@ class IA3Layer(AdapterLayer):
         outputs = [n for n in running if not self.ia3_spec[n].feedforward]
         if outputs:
             y = y * self._output_multiplier(outputs, y.dtype)
+        return y
+
+    def _routed_forward(self, x: torch.Tensor, routing: Any) -> torch.Tensor:
+        """``base(x * l_in[row]) * l_out[row]`` with each row's own adapter's vectors (ones for base rows)."""
+        names, index = routing.plan(self.adapter_names(), x, f"an IA3 layer on {type(self.base_layer).__name__}")
+        row = index + 1  # row 0 of each table: ones (base rows, adapters this layer does not hold)
+        inputs = [n for n in names if self.ia3_spec[n].feedforward]
+        if inputs:
+            ones = x.new_ones(x.shape[-1])
+            table = torch.stack([ones] + [self.ia3_l[n].to(x.dtype) if n in inputs else ones for n in names])  # (G+1, in)
+            x = (x.reshape(-1, x.shape[-1]) * table[row]).view(x.shape)
+        y = self.base_layer(x)
+        outputs = [n for n in names if not self.ia3_spec[n].feedforward]
+        if outputs:
+            ones = y.new_ones(y.shape[-1])
+            table = torch.stack([ones] + [self._output_multiplier([n], y.dtype) if n in outputs else ones for n in names])  # (G+1, out)
+            y = (y.reshape(-1, y.shape[-1]) * table[row]).view(y.shape)
         return y
 
     # -- merge -------------------------------------------------------------------------------------
