@@ -163,3 +163,27 @@ def test_hotswapped_slot_routes_the_new_adapter(tmp_path):
         expected = want(input_ids=ids).logits
     for i in (0, 3):
         torch.testing.assert_close(routed[i], expected[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora_over_a_quantized_base_routes_each_example_to_its_adapter(kind):
+    """DoRA layers (peftcore-dora's routed forward around the quantized layer's own output)."""
+    model = quantized_llama(kind)
+    peftcore.wrap(model, "dora", name="a", rank=4, alpha=8, targets="all-linear")
+    peftcore.wrap(model, "dora", name="b", rank=2, alpha=3, targets=["q_proj", "down_proj"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif ".lora_magnitude_vector." in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    ids = _ids()
+    with torch.no_grad():
+        routed = model(input_ids=ids, adapter_names=NAMES).logits
+    for i, name in enumerate(NAMES):
+        want = _alone(model, name, ids)[i]
+        if name == BASE:
+            torch.testing.assert_close(routed[i], want, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(routed[i], want, rtol=1e-5, atol=1e-5)

@@ -61,6 +61,7 @@ class DoraLayer(AdapterLayer):
     """
 
     method = "dora"
+    supports_routing = True  # one adapter per example (model(..., adapter_names=[...])): routed_forward
 
     def __init__(self, base_layer: nn.Module, transposed: bool = False):
         super().__init__(base_layer)
@@ -113,7 +114,22 @@ class DoraLayer(AdapterLayer):
         }
 
     # -- forward -------------------------------------------------------------------------------------
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """``||W + s B A||`` per output row for adapter ``name``, ``(out,)``, without autograd
+        (a constant in backward, DoRA section 4.3)."""
+        cfg = self.dora_config[name]
+        A, B = self.lora_A[name], self.lora_B[name]
+        weight = self.base_weight()
+        with torch.no_grad():
+            return (weight + (cfg.scale * (B @ A)).to(weight.dtype)).norm(p=2, dim=1)
+
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output, bias included (what routed rows without an adapter get)."""
+        return self.base_layer(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return routed_forward(self, x, self.routing)
         running = self.running_adapters()
         if not running:
             return self.base_layer(x)
@@ -123,9 +139,7 @@ class DoraLayer(AdapterLayer):
         cfg = self.dora_config[name]
         A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
         weight = self.base_weight()  # (out, in)
-        with torch.no_grad():  # ||V|| is a constant in backward (DoRA section 4.3)
-            norm = (weight + (cfg.scale * (B @ A)).to(weight.dtype)).norm(p=2, dim=1)  # (out,)
-        factor = (m / norm).to(x.dtype)  # (out,)
+        factor = (m / self.weight_norm(name)).to(x.dtype)  # (out,)
         h = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
         y = F.linear(x, weight.to(x.dtype)) + cfg.scale * F.linear(F.linear(h, A), B)  # (*, out)
         y = factor * y
@@ -183,3 +197,35 @@ class DoraLayer(AdapterLayer):
 LINEAR = Handler("torch.nn.Linear", is_linear, DoraLayer, method="dora", linear_like=True)
 HF_CONV1D = Handler("transformers Conv1D", is_hf_conv1d, functools.partial(DoraLayer, transposed=True), method="dora",
                     linear_like=True)
+
+
+def routed_forward(layer: Any, x: torch.Tensor, routing: Any) -> torch.Tensor:
+    """A DoRA layer's output when each example has its own adapter (or none), for plain and
+    quantized DoRA layers alike (they provide ``base_output`` and ``weight_norm``).
+
+    Each row gets ``base + (m/||V|| - 1) * (base - b) + (m/||V||) * s * dropout(x) A^T B^T`` with its
+    adapter's ``m``, ``V``, ``A``, ``B`` (the single-adapter formula, rearranged around the base
+    output as the quantized layers compute it); base rows get ``base``. One ``||V||`` per adapter
+    of the batch; a loop over those adapters, each on its own rows.
+    """
+    names, index = routing.plan(layer.adapter_names(), x, f"a DoRA layer on {type(layer.base_layer).__name__}")
+    base = layer.base_output(x)
+    y = base.reshape(-1, base.shape[-1])  # (rows, out)
+    x2 = x.reshape(-1, x.shape[-1])
+    bias = getattr(layer.base_layer, "bias", None)
+    out = y
+    for g, name in enumerate(names):
+        rows = (index == g).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        cfg = layer.dora_config[name]
+        A, B, m = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
+        factor = m / layer.weight_norm(name)  # (out,), gradient to m only
+        y_g = y.index_select(0, rows)
+        unbiased = y_g if bias is None else y_g - bias.to(y_g.dtype)
+        h = x2.index_select(0, rows)
+        if layer.training and cfg.dropout > 0:
+            h = F.dropout(h, cfg.dropout, True)
+        low_rank = cfg.scale * F.linear(F.linear(h.to(A.dtype), A), B)
+        out = out.index_copy(0, rows, (y_g + (factor - 1) * unbiased + factor * low_rank).to(out.dtype))
+    return out.view(base.shape)

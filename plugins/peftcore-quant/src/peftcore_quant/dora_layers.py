@@ -32,7 +32,7 @@ import torch
 from peftcore.errors import AdapterStateError
 from peftcore.ops.lora import new_seed_tensor
 from peftcore.ops.lora_add import lora_add_
-from peftcore_dora.layers import DoraLayer
+from peftcore_dora.layers import DoraLayer, routed_forward
 
 from peftcore_quant.layers import _Bnb4bitBase, _Bnb8bitBase, _RequantizingMerge, _TorchaoBase
 
@@ -47,7 +47,7 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
     norm computation.
     """
 
-    supports_routing = False  # the grouped op needs a plain base weight
+    supports_routing = True  # peftcore_dora.layers.routed_forward, around base_output
     _adapter_noun = "DoRA adapter"
 
     def base_weight(self) -> torch.Tensor:
@@ -70,6 +70,8 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
         return self.base_layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return routed_forward(self, x, self.routing)
         running = self.running_adapters()
         if not running:
             return self.base_layer(x)
