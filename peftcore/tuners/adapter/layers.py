@@ -66,6 +66,7 @@ class BottleneckLayer(AdapterLayer):
     """
 
     method = "adapter"
+    supports_routing = True  # one adapter per example: _routed
 
     def __init__(self, base_layer: nn.Module, path: str = ""):
         super().__init__(base_layer)
@@ -158,7 +159,7 @@ class BottleneckLayer(AdapterLayer):
         x_parallel = self._parallel_input(args, kwargs)
         output = self.base_layer(*args, **kwargs)
         running = self.running_adapters()
-        if not running:
+        if not running and self.routing is None:
             return output
         y = output[0] if isinstance(output, (tuple, list)) else output
         if not isinstance(y, torch.Tensor):
@@ -166,6 +167,10 @@ class BottleneckLayer(AdapterLayer):
                 f"the adapter at {self.path!r} needs its module to return a tensor (or a tuple starting with one), "
                 f"got {type(output).__name__}; target another module"
             )
+        if self.routing is not None:  # the batch's adapters that this layer holds, each on its own rows
+            running, _ = self.routing.plan(self.adapter_names(), y, self._where())
+            if not running:
+                return output
         # One dtype for the op: the output's (under autocast the op casts everything to the
         # autocast dtype itself, as nn.Linear does).
         dtype = y.dtype
@@ -186,6 +191,9 @@ class BottleneckLayer(AdapterLayer):
                 x = x_parallel
             else:
                 x = y
+            if self.routing is not None:  # one adapter per example: this adapter on its own rows
+                result = self._routed(name, x, y, result, (W_down, b_down, W_up, b_up))
+                continue
             residual = None if (result is None and x is y) else (y if result is None else result)
             result = bottleneck(x, W_down, b_down, W_up, b_up, cfg.scale, cfg.activation, residual,
                                 backend=cfg.backend, cache=self._kernels)
@@ -194,6 +202,20 @@ class BottleneckLayer(AdapterLayer):
         if isinstance(output, list):
             return [result, *output[1:]]
         return result
+
+    def _where(self) -> str:
+        return f"the adapter layer at {self.path!r}"
+
+    def _routed(self, name: str, x: torch.Tensor, y: torch.Tensor, result: torch.Tensor | None, weights: tuple) -> torch.Tensor:
+        """``result`` (``y`` at first) with the rows routed to ``name`` replaced by ``y + adapter(x)`` there."""
+        cfg = self.adapter_config[name]
+        names, index = self.routing.plan(self.adapter_names(), y, self._where())
+        rows = (index == names.index(name)).nonzero().squeeze(1)
+        out = (y if result is None else result).reshape(-1, y.shape[-1])
+        x_g = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        y_g = y.reshape(-1, y.shape[-1]).index_select(0, rows)
+        new = bottleneck(x_g, *weights, cfg.scale, cfg.activation, None if x is y else y_g, backend=cfg.backend, cache=self._kernels)
+        return out.index_copy(0, rows, new).view(y.shape)
 
     def extra_repr(self) -> str:
         sizes = {n: (c.size, c.placement) for n, c in self.adapter_config.items()}
