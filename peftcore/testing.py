@@ -36,6 +36,9 @@ dtype               ``.to(torch.float64)`` moves outputs and adapter parameters 
 
 The first failing check raises ``AssertionError`` naming the method, the check and what differed.
 
+Routing (many adapters in one batch) has :func:`check_routing`: a routed call equals each
+adapter alone, example by example, forward and gradients.
+
 Kernels have a kit of their own, :func:`check_kernel` (from :mod:`peftcore.testing_kernels`,
 re-exported here): ``check_kernel("lora_linear", "mybackend")``.
 Where a check needs an informative adapter (not the identity), every adapter parameter ``p`` is
@@ -626,3 +629,93 @@ class _Kit:
                 self.close("dtype", out, reference.to(dtype), "float64 outputs are far from the float32 ones",
                            rtol=_FLOAT64_TOL, atol=_FLOAT64_TOL)
         return "passed"
+
+
+def check_routing(
+    model: nn.Module,
+    inputs: Mapping[str, Any],
+    names: Iterable[str],
+    *,
+    gradients: bool = True,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    grad_rtol: float = 1e-4,
+    grad_atol: float = 1e-5,
+) -> None:
+    """Checks per-example routing the way a user meets it: ``model(**inputs, adapter_names=names)``.
+
+    * Forward: row ``i`` of the routed output equals the model run on example ``i`` alone with
+      adapter ``names[i]`` active (inside ``peftcore.disabled`` for ``"__base__"``).
+    * ``gradients``: the routed call's summed output gives every parameter the routed adapters own
+      (what their method saves) the gradient that running each adapter alone on its own examples
+      gives (summed the same way), and some of them are non-zero. Run it in eval mode (dropout off) so that the two sides draw nothing random.
+
+    The model's active adapters and ``requires_grad`` flags are put back afterwards; gradients are
+    cleared.
+
+    Args:
+        model: a wrapped model holding the adapters ``names`` uses.
+        inputs: keyword inputs whose tensors have the batch in dimension 0 (one example per name).
+        names: one adapter name (or ``"__base__"``) per example.
+        output_fn: the tensor to compare in the model's output (default: ``logits``, the tensor
+            itself, or the first tensor of a tuple or mapping).
+
+    Raises:
+        AssertionError: naming the example or parameter that differs, and by how much.
+    """
+    from peftcore import lifecycle
+    from peftcore.routing import BASE
+
+    names = list(names)
+    output_fn = output_fn or _default_output
+    state = lifecycle.get_state(model)
+    active, flags = list(state.active), {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def example(rows: list[int]) -> dict[str, Any]:
+        return {k: v[rows] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+    def alone(name: str, rows: list[int]) -> torch.Tensor:
+        if name == BASE:
+            with peftcore.disabled(model):
+                return output_fn(model(**example(rows)))
+        peftcore.activate(model, name)
+        return output_fn(model(**example(rows)))
+
+    adapters = sorted(set(names) - {BASE})
+    owned = {(t.data_ptr(), t.shape) for a in adapters for t in registry.get_method(state.adapters[a].method).adapter_state(model, a).values()}
+    params = {n: p for n, p in model.named_parameters() if (p.data_ptr(), p.shape) in owned}  # adapter_state detaches
+    try:
+        with torch.no_grad():
+            routed = output_fn(model(**inputs, adapter_names=names))
+            for i, name in enumerate(names):
+                want = alone(name, [i])
+                diff = _max_diff(routed[i:i + 1], want)
+                if not diff <= atol + rtol * float(want.abs().max()):
+                    raise AssertionError(f"check_routing: example {i} routed to {name!r} differs from {name!r} alone by {diff:.3g}")
+        if not gradients:
+            return
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        output_fn(model(**inputs, adapter_names=names)).sum().backward()
+        mixed = {n: None if p.grad is None else p.grad.clone() for n, p in params.items()}
+        for p in params.values():
+            p.grad = None
+        for name in adapters:
+            alone(name, [i for i, n in enumerate(names) if n == name]).sum().backward()
+        for n, p in params.items():
+            got, want = mixed[n], p.grad
+            if (got is None) != (want is None):
+                raise AssertionError(f"check_routing: {n} gets a gradient {'only routed' if want is None else 'only alone'}")
+            if got is not None and not torch.allclose(got, want, rtol=grad_rtol, atol=grad_atol):
+                raise AssertionError(f"check_routing: the gradient of {n} from the mixed batch differs from its adapter's own "
+                                     f"examples run alone by {_max_diff(got, want):.3g}")
+        if not any(g is not None and bool(g.abs().sum() > 0) for g in mixed.values()):
+            raise AssertionError("check_routing: no adapter parameter got a non-zero gradient from the routed call")
+    finally:
+        for n, p in model.named_parameters():
+            p.grad = None
+            p.requires_grad_(flags[n])
+        if active:
+            peftcore.activate(model, active)

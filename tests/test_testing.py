@@ -253,3 +253,50 @@ def test_a_layer_whose_method_attribute_does_not_match_is_named(register):
     with pytest.raises(AssertionError, match=r"check_method\('mismatched'\): setting up .* adapter layer at '\w+' "
                                              r"\(MismatchedLayer\) has method = 'lora', but the method is 'mismatched'"):
         check_method(name, mlp, inputs_factory=_mlp_inputs)
+
+
+def _routed_gpt2():
+    from peftcore.testing import tiny_model
+
+    model = tiny_model("gpt2")
+    peftcore.wrap(model, "lora", name="a", rank=2, targets=["c_attn"])
+    peftcore.wrap(model, "adapter", name="bn", size=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or ".bottleneck." in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, 128, (3, 5), generator=g)
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_check_routing_passes_and_puts_the_model_back():
+    from peftcore.testing import check_routing
+
+    model, inputs = _routed_gpt2()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    check_routing(model, inputs, ["bn", "__base__", "a"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert [a.name for a in peftcore.adapters(model).values() if a.active] == ["bn"]
+
+
+def test_check_routing_catches_a_routed_forward_that_ignores_the_names(monkeypatch):
+    from peftcore.testing import check_routing
+    from peftcore.tuners.lora import routed
+
+    model, inputs = _routed_gpt2()
+    monkeypatch.setattr(routed, "linear_forward", lambda layer, x, routing: (routing.plan(layer.adapter_names(), x, "x"), layer.base_layer(x))[1])
+    with pytest.raises(AssertionError, match="example 2 routed to 'a' differs from 'a' alone"):
+        check_routing(model, inputs, ["bn", "__base__", "a"])
+
+
+def test_check_routing_catches_gradients_that_do_not_reach_the_adapter(monkeypatch):
+    from peftcore.testing import check_routing
+    from peftcore.tuners.lora import routed
+
+    model, inputs = _routed_gpt2()
+    forward = routed.linear_forward
+    monkeypatch.setattr(routed, "linear_forward", lambda layer, x, routing: forward(layer, x, routing).detach())
+    with pytest.raises(AssertionError, match=r"lora_A\.a gets a gradient only alone"):
+        check_routing(model, inputs, ["bn", "__base__", "a"])
