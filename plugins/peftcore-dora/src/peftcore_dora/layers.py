@@ -135,7 +135,10 @@ class DoraLayer(AdapterLayer):
             return self.base_layer(x)
         if len(running) > 1:
             raise AdapterStateError(f"DoRA adapters {list(running)} cannot run together on one layer; activate one")
-        name = running[0]
+        return self.adapter_forward(x, running[0])
+
+    def adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The layer's output with adapter ``name`` running (unmerged, the only one)."""
         cfg = self.dora_config[name]
         A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
         weight = self.base_weight()  # (out, in)

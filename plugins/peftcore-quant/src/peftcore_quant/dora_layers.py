@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from peftcore.errors import AdapterStateError
 from peftcore.ops.lora import new_seed_tensor
 from peftcore.ops.lora_add import lora_add_
-from peftcore_dora.layers import DoraLayer, routed_forward
+from peftcore_dora.layers import DoraLayer
 
 from peftcore_quant.layers import _Bnb4bitBase, _Bnb8bitBase, _RequantizingMerge, _TorchaoBase
 
@@ -47,7 +46,6 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
     norm computation.
     """
 
-    supports_routing = True  # peftcore_dora.layers.routed_forward, around base_output
     _adapter_noun = "DoRA adapter"
 
     def base_weight(self) -> torch.Tensor:
@@ -64,20 +62,10 @@ class QuantDoraLayer(_RequantizingMerge, DoraLayer):
             direction.addmm_(B.to(direction.dtype), A.to(direction.dtype), alpha=cfg.scale)
             return direction.norm(p=2, dim=1)
 
-    # -- forward -------------------------------------------------------------------------------------
-    def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The quantized layer's own output, bias included (4-bit bases: a faster, bit-identical path)."""
-        return self.base_layer(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing is not None:
-            return routed_forward(self, x, self.routing)
-        running = self.running_adapters()
-        if not running:
-            return self.base_layer(x)
-        if len(running) > 1:
-            raise AdapterStateError(f"DoRA adapters {list(running)} cannot run together on one layer; activate one")
-        name = running[0]
+    # -- forward (DoraLayer.forward: routing, the one running adapter) -------------------------------
+    # base_output: DoraLayer's (the quantized layer's own output), or _Bnb4bitBase's faster,
+    # bit-identical path for 4-bit bases.
+    def adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         cfg = self.dora_config[name]
         A, B, m = self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
         factor = m / self.weight_norm(name)  # (out,); gradient to m only
