@@ -84,11 +84,13 @@ def test_routed_forward(benchmark):
         "base": _forward(e2e.load_model().eval(), data),
         "peftcore": _forward(ours, data, names),
         "hf_peft": _forward(theirs, data, names),
+        "one_lora": _forward(_peftcore(1), data),  # no routing: one LoRA adapter for every row (its own cost)
     }
     benchmark.group = "routed forward, 8 adapters, interleaved"
     rounds = interleaved(benchmark, calls, 3 * ROUNDS)
     RESULTS["routed"] = rounds
-    for key, ref in (("peftcore", "base"), ("peftcore", "hf_peft"), ("hf_peft", "base")):
+    for key, ref in (("peftcore", "base"), ("peftcore", "hf_peft"), ("hf_peft", "base"), ("one_lora", "base"),
+                     ("peftcore", "one_lora")):
         ratio = summary.paired_ratio(rounds[key], rounds[ref])
         print(f"\nrouted forward {key} / {ref}: {ratio[0]:.3f} [{ratio[1]:.3f}, {ratio[2]:.3f}]  "
               f"(medians {statistics.median(rounds[key]) * 1e3:.1f} / {statistics.median(rounds[ref]) * 1e3:.1f} ms)")
