@@ -271,3 +271,6 @@ def check_options(config) -> None:
         raise ConfigError(f"--few-shot-seeds must be a positive integer, got {config.few_shot_seeds!r}")
     if config.teacher is not None:
         raise ConfigError("--few-shot and --teacher do not combine (a prototypical network has no logits to distil)")
+    if config.quantize is not None:
+        raise ConfigError(f"--few-shot and --quantize {config.quantize} do not combine (few-shot runs train no adapter over a "
+                          "quantized base); drop one of them")

@@ -305,6 +305,9 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     from peftcore.train.images import is_image_dir, run_images
 
     if is_image_dir(config.data):  # an ImageFolder tree: image classification
+        if config.quantize is not None:
+            raise ConfigError(f"--quantize {config.quantize} quantizes a text classifier's linear layers; image runs "
+                              f"({config.data}) do not support it: drop --quantize")
         return run_images(config, log)
     start = time.perf_counter()
     seed_everything(config.seed)

@@ -18,6 +18,18 @@ def test_quantize_needs_a_peft_method():
         FinetuneConfig(strategy="full", quantize="nf4").validate()
 
 
+def test_quantize_is_refused_where_it_would_be_ignored(tmp_path):
+    """few-shot and image runs quantize nothing: a clear error instead of a silently plain run."""
+    from peftcore.train import finetune
+
+    with pytest.raises(ConfigError, match="--few-shot and --quantize nf4 do not combine"):
+        FinetuneConfig(few_shot=2, quantize="nf4").validate()
+    (tmp_path / "images").mkdir()  # --data DIR: an image run
+    with pytest.raises(ConfigError, match="--quantize nf4 quantizes a text classifier.*drop --quantize"):
+        finetune.run(FinetuneConfig(data=str(tmp_path / "images"), quantize="nf4", out=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()
+
+
 def test_quantize_init_names_its_choices():
     with pytest.raises(ConfigError, match="--quantize-init must be one of calibrated, svd, none, got .loftq."):
         FinetuneConfig(quantize="nf4", quantize_init="loftq").validate()
