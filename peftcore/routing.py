@@ -54,6 +54,7 @@ class Routing:
         self.expand = expand
         self.used = False
         self._plans: dict[tuple, tuple[list[str], torch.Tensor]] = {}
+        self._rows: dict[int, list[torch.Tensor]] = {}  # plan_rows: id of the plan's index -> rows
 
     def examples_per_name(self, batch: int, where: str) -> int:
         """How many examples of a batch of ``batch`` each name stands for (1 unless ``expand``).
@@ -102,6 +103,18 @@ class Routing:
             index = torch.tensor(per_example, dtype=torch.int64).repeat_interleave(repeat * rows).to(x.device)
             plan = self._plans[key] = (names, index)
         return plan
+
+    def plan_rows(self, held: Sequence[str], x: torch.Tensor, where: str) -> tuple[list[str], list[torch.Tensor]]:
+        """As :meth:`plan`, but each adapter's rows instead of the per-row index: ``(names, rows)``
+        with ``rows[i]`` the ascending ``(rows_i,)`` int64 indices of the rows routed to
+        ``names[i]`` (for layers that run each adapter on its own rows). Cached with the plan."""
+        names, index = self.plan(held, x, where)
+        rows = self._rows.get(id(index))  # plans (and so their index tensors) live as long as self
+        if rows is None:
+            from peftcore.ops.lora_grouped_add import group_rows
+
+            rows = self._rows[id(index)] = group_rows(index, len(names))
+        return names, rows
 
     def examples(self, name: str, batch: int, device: torch.device) -> torch.Tensor:
         """Indices of the examples of a batch of ``batch`` routed to ``name`` (layers that loop)."""

@@ -98,6 +98,13 @@ class LoraAddFunction(torch.autograd.Function):
 _ZERO_SEED = torch.zeros((), dtype=torch.int64)
 
 
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """A dropout seed as the 0-dim int64 tensor the autograd Functions save (0: one shared tensor)."""
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return _ZERO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)
+
+
 def lora_add_(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -116,8 +123,7 @@ def lora_add_(
     Returns:
         ``y``, now holding ``y + scale * dropout(x) A^T B^T`` (or a new tensor for a view ``y``).
     """
-    if not isinstance(seed, torch.Tensor):
-        seed = _ZERO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)
+    seed = seed_tensor(seed)
     dtype = y.dtype
     if x.dtype != dtype:
         x = x.to(dtype)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from peftcore.ops import philox
+from peftcore.ops.lora_add import seed_tensor
 from peftcore.ops.lora_grouped import _per_adapter
 
 
@@ -50,8 +51,7 @@ def reference_lora_grouped_add(
     Returns:
         A new tensor of shape ``(M, N)``.
     """
-    for g, (A_g, B_g, scale, p) in enumerate(zip(A, B, scales, _per_adapter(dropout_p, len(A)))):
-        rows = (index == g).nonzero().squeeze(1)  # (M_g,)
+    for rows, A_g, B_g, scale, p in zip(group_rows(index, len(A)), A, B, scales, _per_adapter(dropout_p, len(A))):
         x_g = x
         if p > 0.0:
             keep = philox.keep_mask(seed, x.shape, p, x.device)
@@ -128,7 +128,12 @@ class LoraGroupedAddFunction(torch.autograd.Function):
         return (grad_y if need_y else None), grad_x, None, None, None, None, *grad_A, *grad_B
 
 
-_ZERO_SEED = torch.zeros((), dtype=torch.int64)
+def group_rows(index: torch.Tensor, G: int) -> list[torch.Tensor]:
+    """The rows of each group ``0 .. G-1`` of a ``(M,)`` index (``-1``: no group), in ascending order:
+    one stable sort and one host sync for all groups."""
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index + 1, minlength=G + 1).tolist()  # [no group, group 0, ...]
+    return list(order.split(counts)[1:])
 
 
 def lora_grouped_add_(
@@ -168,12 +173,8 @@ def lora_grouped_add_(
     if y.shape[:-1] != x.shape[:-1] or index.shape != (M,):
         raise ValueError(f"lora_grouped_add_: x {tuple(x.shape)}, y {tuple(y.shape)} and index {tuple(index.shape)} "
                          f"do not match (index must be ({M},))")
-    if not isinstance(seed, torch.Tensor):
-        seed = _ZERO_SEED if seed == 0 else torch.tensor(seed, dtype=torch.int64)
-    # Each adapter's rows, from one stable sort of the index (rows stay in ascending order).
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index + 1, minlength=G + 1).tolist()  # [base rows, adapter 0, ...]
-    rows = order.split(counts)[1:]
+    seed = seed_tensor(seed)
+    rows = group_rows(index, G)
     dtype = y.dtype
     if x.dtype != dtype:
         x = x.to(dtype)

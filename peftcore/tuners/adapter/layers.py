@@ -168,9 +168,10 @@ class BottleneckLayer(AdapterLayer):
                 f"got {type(output).__name__}; target another module"
             )
         if self.routing is not None:  # the batch's adapters that this layer holds, each on its own rows
-            running, _ = self.routing.plan(self.adapter_names(), y, self._where())
+            running, rows_of = self.routing.plan_rows(self.adapter_names(), y, f"the adapter layer at {self.path!r}")
             if not running:
                 return output
+            rows_of = dict(zip(running, rows_of))
         # One dtype for the op: the output's (under autocast the op casts everything to the
         # autocast dtype itself, as nn.Linear does).
         dtype = y.dtype
@@ -192,7 +193,7 @@ class BottleneckLayer(AdapterLayer):
             else:
                 x = y
             if self.routing is not None:  # one adapter per example: this adapter on its own rows
-                result = self._routed(name, x, y, result, (W_down, b_down, W_up, b_up))
+                result = self._routed(name, rows_of[name], x, y, result, (W_down, b_down, W_up, b_up))
                 continue
             residual = None if (result is None and x is y) else (y if result is None else result)
             result = bottleneck(x, W_down, b_down, W_up, b_up, cfg.scale, cfg.activation, residual,
@@ -203,14 +204,10 @@ class BottleneckLayer(AdapterLayer):
             return [result, *output[1:]]
         return result
 
-    def _where(self) -> str:
-        return f"the adapter layer at {self.path!r}"
-
-    def _routed(self, name: str, x: torch.Tensor, y: torch.Tensor, result: torch.Tensor | None, weights: tuple) -> torch.Tensor:
-        """``result`` (``y`` at first) with the rows routed to ``name`` replaced by ``y + adapter(x)`` there."""
+    def _routed(self, name: str, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor, result: torch.Tensor | None,
+                weights: tuple) -> torch.Tensor:
+        """``result`` (``y`` at first) with ``rows`` (those routed to ``name``) replaced by ``y + adapter(x)`` there."""
         cfg = self.adapter_config[name]
-        names, index = self.routing.plan(self.adapter_names(), y, self._where())
-        rows = (index == names.index(name)).nonzero().squeeze(1)
         out = (y if result is None else result).reshape(-1, y.shape[-1])
         x_g = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         y_g = y.reshape(-1, y.shape[-1]).index_select(0, rows)

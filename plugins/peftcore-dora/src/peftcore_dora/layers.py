@@ -211,16 +211,13 @@ def routed_forward(layer: Any, x: torch.Tensor, routing: Any) -> torch.Tensor:
     output as the quantized layers compute it); base rows get ``base``. One ``||V||`` per adapter
     of the batch; a loop over those adapters, each on its own rows.
     """
-    names, index = routing.plan(layer.adapter_names(), x, f"a DoRA layer on {type(layer.base_layer).__name__}")
+    names, rows_of = routing.plan_rows(layer.adapter_names(), x, f"a DoRA layer on {type(layer.base_layer).__name__}")
     base = layer.base_output(x)
     y = base.reshape(-1, base.shape[-1])  # (rows, out)
     x2 = x.reshape(-1, x.shape[-1])
     bias = getattr(layer.base_layer, "bias", None)
     out = y
-    for g, name in enumerate(names):
-        rows = (index == g).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
+    for name, rows in zip(names, rows_of):
         cfg = layer.dora_config[name]
         A, B, m = layer.lora_A[name], layer.lora_B[name], layer.lora_magnitude_vector[name]
         factor = m / layer.weight_norm(name)  # (out,), gradient to m only
