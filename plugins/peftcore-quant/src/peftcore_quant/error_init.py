@@ -126,10 +126,10 @@ def _factors(layer: QuantLoraLinear, weight: torch.Tensor, gram: torch.Tensor | 
     right = Vh[:rank] if R is None else torch.linalg.solve_triangular(R, Vh[:rank].mT, upper=True).mT  # Vh_r R^{-T}
     A = root[:, None] * right
     B = U[:, :rank] * root
-    residual = M - (U[:, :rank] * S[:rank]) @ Vh[:rank]
     reference = W if R is None else W @ R.mT
     norm = reference.norm().clamp_min(1e-30)
-    error = LayerError(before=float(M.norm() / norm), after=float(residual.norm() / norm))
+    # ||M - M_r|| of the truncated SVD is the norm of the singular values it drops (Eckart-Young)
+    error = LayerError(before=float(M.norm() / norm), after=float(S[rank:].norm() / norm))
     dtype = layer.lora_A[adapter].dtype
     return (A.to(dtype), B.to(dtype)), error
 
@@ -139,7 +139,7 @@ def _original_weights(model: nn.Module, original: Any, layers: Mapping[str, Quan
     if isinstance(original, (str, os.PathLike)):
         lookup = _safetensors_lookup(Path(original))
     elif isinstance(original, Mapping):
-        lookup = original.get if hasattr(original, "get") else None
+        lookup = original.get
     else:
         raise ConfigError(f"original must be a mapping of weights or a safetensors file/directory, got {type(original).__name__}")
     weights = {}
@@ -180,7 +180,7 @@ def _safetensors_lookup(path: Path):
     handles: dict[Path, Any] = {}
 
     def lookup(key: str) -> torch.Tensor | None:
-        file = files.get(key, files.get(None)) if None in files else files.get(key)
+        file = files.get(key, files.get(None))  # a sharded checkpoint's index, or its one file
         if file is None:
             return None
         handle = handles.get(file)
