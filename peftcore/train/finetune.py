@@ -180,11 +180,10 @@ def _int8_cast_notice(record: logging.LogRecord) -> bool:
 def init_from_quantization_error(model: torch.nn.Module, config: FinetuneConfig, original: dict[str, torch.Tensor],
                                  train_batches: list, log: Callable[[str], None]) -> None:
     """``--quantize-init``: LoRA's factors from the quantization error (peftcore-quant's
-    ``init_from_quantization_error``), weighted by the inputs of ``train_batches`` (``calibrated``)."""
+    ``init_from_quantization_error``), weighted by the inputs of ``train_batches`` (``calibrated``;
+    ``svd`` passes none)."""
     plugin = _quant_plugin(config.quantize)
-    calibration = None
-    if config.quantize_init == "calibrated":
-        calibration = [batch.inputs for batch in train_batches]
+    calibration = [batch.inputs for batch in train_batches] if config.quantize_init == "calibrated" else None
     report = plugin.init_from_quantization_error(model, original, calibration)
     before = sum(r.before for r in report.values()) / len(report)
     after = sum(r.after for r in report.values()) / len(report)
@@ -329,9 +328,11 @@ def _run(config: FinetuneConfig, log: Callable[[str], None]) -> FinetuneResult:
     seed_everything(config.seed)
     plan = apply_strategy(model, strategy)
     if original is not None:
-        first = train_data.subset(range(min(CALIBRATION_EXAMPLES, len(train_data.texts))))
-        init_from_quantization_error(model, config, original, data_mod.batches(first, tokenizer, label_ids, config.batch_size,
-                                                                               config.max_length), log)
+        calibration = []
+        if config.quantize_init == "calibrated":  # the first training examples, tokenized only for this
+            first = train_data.subset(range(min(CALIBRATION_EXAMPLES, len(train_data.texts))))
+            calibration = data_mod.batches(first, tokenizer, label_ids, config.batch_size, config.max_length)
+        init_from_quantization_error(model, config, original, calibration, log)
         del original
     trainable = sum(p.numel() for _, p in plan.named_parameters())
     total = sum(p.numel() for p in model.parameters())
