@@ -9,7 +9,10 @@
 // adapter's own probability dropout_p[g]; then
 // the base GEMM accumulates into y (ATen/MKL, beta = 1), as lora_linear fuses it. No Python loop,
 // no gather/scatter of rows, no per-adapter output buffer. The adapters' ranks may differ; h is
-// returned padded to the largest rank (zeros beyond a row's own rank) for backward.
+// returned padded to the largest rank (zeros beyond a row's own rank) for backward. float32 on a
+// CPU with AVX2+FMA (ranks up to 32) writes those rows with the register tiles of
+// lora_grouped_tiles.h; other dtypes and CPUs take a GEMM per run of one adapter's rows, or a
+// row pass (interleaved rows, dropout).
 // Backward: a row-parallel pass computes gh = scale[g] grad_y[m] B[g] and the low-rank part of
 // grad_x (mask regenerated); the base GEMM adds grad_y W; then the parameter gradients run in
 // parallel over (adapter, column block) pairs, each summing its adapter's rows in a fixed order
@@ -42,6 +45,7 @@ namespace loops_default {
 #pragma GCC target("avx2,fma")
 namespace loops_avx2 {
 #include "lora_grouped_kernels.h"
+#include "lora_grouped_tiles.h"
 }  // namespace loops_avx2
 #pragma GCC pop_options
 #endif
@@ -161,6 +165,44 @@ int64_t max_rank(at::TensorList A) {
   return R;
 }
 
+#ifdef PEFTCORE_GROUPED_AVX2
+// The float32 forward's low-rank part (csrc/lora_grouped_tiles.h): y = b + scale h B^T and h for
+// every row, rows in parallel; the caller's base GEMM then accumulates into y.
+void forward_f32_tiles(const at::Tensor& x, const int64_t* idx, const std::vector<at::Tensor>& A,
+                       const std::vector<at::Tensor>& Bt, at::ArrayRef<double> scales, const Dropout& dropout,
+                       const at::Tensor& b, at::Tensor& h, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = y.size(1), R = h.size(1), G = static_cast<int64_t>(A.size());
+  const int64_t R8 = std::max<int64_t>(1, (R + 7) / 8);
+  // A[g] transposed into (K, 8 * R8), zero beyond its rank: eight ranks of one k per load.
+  std::vector<at::Tensor> At(G);
+  std::vector<const float*> Atp(G), Btp(G);
+  std::vector<int64_t> ranks(G);
+  std::vector<double> scale(scales.begin(), scales.end());
+  std::vector<uint8_t> drop(G);
+  for (int64_t g = 0; g < G; ++g) {
+    ranks[g] = A[g].size(0);
+    At[g] = at::zeros({K, 8 * R8}, x.options());
+    At[g].narrow(1, 0, ranks[g]).copy_(A[g].t());
+    Atp[g] = At[g].data_ptr<float>();
+    Btp[g] = Bt[g].data_ptr<float>();
+    drop[g] = dropout.drop[g];
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* hp = h.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* dp = drop.data();
+  const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, (K + N) * 8 * R8));
+  at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
+    std::vector<float> xrow(4 * K);
+    const auto run = R8 == 1 ? &loops_avx2::forward_rows<1> : R8 == 2 ? &loops_avx2::forward_rows<2>
+                     : R8 == 3 ? &loops_avx2::forward_rows<3> : &loops_avx2::forward_rows<4>;
+    run(xp, idx, m0, m1, K, N, R, Atp.data(), Btp.data(), ranks.data(), scale.data(), bp, dp, dropout.thr.data(),
+        dropout.inv_keep.data(), dropout.seed, xrow.data(), hp, yp);
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> lora_grouped_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias, at::TensorList A_in,
                                                     at::TensorList B_in, at::ArrayRef<double> scales,
@@ -188,6 +230,13 @@ std::tuple<at::Tensor, at::Tensor> lora_grouped_cpu(const at::Tensor& x_in, cons
   const std::vector<Run> runs = row_runs(idx, M, cap);
   bool any_drop = false;
   for (int64_t g = 0; g < G; ++g) any_drop = any_drop || dropout.drop[g];
+#ifdef PEFTCORE_GROUPED_AVX2
+  if (x.scalar_type() == at::kFloat && R <= 32 && use_avx2_loops()) {
+    forward_f32_tiles(x, idx, A, Bt, scales, dropout, b, h, y);
+    y.addmm_(x, weight.t());
+    return {y, h};
+  }
+#endif
   if (!any_drop && static_cast<int64_t>(runs.size()) * kMinRunRows <= M) {
     // Rows come in runs of one adapter (each example's tokens are consecutive rows): each run is
     // two small GEMMs on row views of x, h and y (no gather, no copy of x), the runs in parallel,

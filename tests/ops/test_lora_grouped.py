@@ -23,6 +23,8 @@ CASES = [  # (M, K, N, ranks)
     (42, 123, 31, [4, 4, 4, 4, 4, 4, 4, 4]),
     (6, 33, 40, [12]),
     (3, 7, 5, []),  # no adapter at all: every row is a base row
+    (21, 70, 23, [24, 17, 32, 2]),  # the float32 forward's three- and four-register ranks
+    (9, 40, 10, [40, 3]),  # a rank over 32: the float32 forward's general path
 ]
 
 
