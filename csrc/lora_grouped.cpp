@@ -167,24 +167,39 @@ int64_t max_rank(at::TensorList A) {
 
 #ifdef PEFTCORE_GROUPED_AVX2
 // The float32 forward's low-rank part (csrc/lora_grouped_tiles.h): y = b + scale h B^T and h for
-// every row, rows in parallel; the caller's base GEMM then accumulates into y.
-void forward_f32_tiles(const at::Tensor& x, const int64_t* idx, const std::vector<at::Tensor>& A,
-                       const std::vector<at::Tensor>& Bt, at::ArrayRef<double> scales, const Dropout& dropout,
-                       const at::Tensor& b, at::Tensor& h, at::Tensor& y) {
+// every row, rows in parallel; the caller's base GEMM then accumulates into y. The factors are
+// packed by plain loops into two buffers (one allocation each, whatever the number of adapters):
+// A[g] transposed to (K, 8 * R8), zero beyond its rank, so that one load holds eight ranks of one
+// k; B[g] transposed to (r, N), so that the expand runs along N.
+void forward_f32_tiles(const at::Tensor& x, const int64_t* idx, at::TensorList A, at::TensorList B,
+                       at::ArrayRef<double> scales, const Dropout& dropout, const at::Tensor& b, at::Tensor& h,
+                       at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), R = h.size(1), G = static_cast<int64_t>(A.size());
   const int64_t R8 = std::max<int64_t>(1, (R + 7) / 8);
-  // A[g] transposed into (K, 8 * R8), zero beyond its rank: eight ranks of one k per load.
-  std::vector<at::Tensor> At(G);
+  const int64_t at_size = K * 8 * R8, bt_size = R * N;
+  at::Tensor packed = at::empty({G * (at_size + bt_size)}, x.options());
+  float* pp = packed.data_ptr<float>();
   std::vector<const float*> Atp(G), Btp(G);
   std::vector<int64_t> ranks(G);
   std::vector<double> scale(scales.begin(), scales.end());
   std::vector<uint8_t> drop(G);
   for (int64_t g = 0; g < G; ++g) {
-    ranks[g] = A[g].size(0);
-    At[g] = at::zeros({K, 8 * R8}, x.options());
-    At[g].narrow(1, 0, ranks[g]).copy_(A[g].t());
-    Atp[g] = At[g].data_ptr<float>();
-    Btp[g] = Bt[g].data_ptr<float>();
+    const int64_t r = A[g].size(0);
+    const float* a = A[g].data_ptr<float>();
+    const float* bsrc = B[g].data_ptr<float>();
+    const int64_t a0 = A[g].stride(0), a1 = A[g].stride(1), b0 = B[g].stride(0), b1 = B[g].stride(1);
+    float* at = pp + g * (at_size + bt_size);
+    float* bt = at + at_size;
+    for (int64_t k = 0; k < K; ++k) {
+      float* row = at + k * 8 * R8;
+      for (int64_t j = 0; j < r; ++j) row[j] = a[j * a0 + k * a1];
+      for (int64_t j = r; j < 8 * R8; ++j) row[j] = 0.0f;
+    }
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t n = 0; n < N; ++n) bt[j * N + n] = bsrc[n * b0 + j * b1];
+    Atp[g] = at;
+    Btp[g] = bt;
+    ranks[g] = r;
     drop[g] = dropout.drop[g];
   }
   const float* xp = x.data_ptr<float>();
@@ -217,26 +232,26 @@ std::tuple<at::Tensor, at::Tensor> lora_grouped_cpu(const at::Tensor& x_in, cons
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m)
     TORCH_CHECK(idx[m] >= -1 && idx[m] < G, "lora_grouped: index[", m, "] = ", idx[m], " is outside [-1, ", G, ")");
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor h = at::zeros({M, R}, x.options());
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+#ifdef PEFTCORE_GROUPED_AVX2
+  if (x.scalar_type() == at::kFloat && R <= 32 && use_avx2_loops()) {
+    forward_f32_tiles(x, idx, A_in, B_in, scales, dropout, b, h, y);
+    y.addmm_(x, weight.t());
+    return {y, h};
+  }
+#endif
   // B[g] transposed to (r, N), contiguous: the output row pass then runs along N.
   std::vector<at::Tensor> A(G), Bt(G);
   for (int64_t g = 0; g < G; ++g) {
     A[g] = A_in[g].contiguous();
     Bt[g] = B_in[g].t().contiguous();
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor h = at::zeros({M, R}, x.options());
-  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const int64_t cap = std::max<int64_t>(64, M / (4 * std::max(1, at::get_num_threads())));
   const std::vector<Run> runs = row_runs(idx, M, cap);
   bool any_drop = false;
   for (int64_t g = 0; g < G; ++g) any_drop = any_drop || dropout.drop[g];
-#ifdef PEFTCORE_GROUPED_AVX2
-  if (x.scalar_type() == at::kFloat && R <= 32 && use_avx2_loops()) {
-    forward_f32_tiles(x, idx, A, Bt, scales, dropout, b, h, y);
-    y.addmm_(x, weight.t());
-    return {y, h};
-  }
-#endif
   if (!any_drop && static_cast<int64_t>(runs.size()) * kMinRunRows <= M) {
     // Rows come in runs of one adapter (each example's tokens are consecutive rows): each run is
     // two small GEMMs on row views of x, h and y (no gather, no copy of x), the runs in parallel,

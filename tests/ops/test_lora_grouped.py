@@ -128,6 +128,29 @@ def test_cpp_runs_of_rows_match_reference(dtype, bias):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_cpp_forward_does_not_depend_on_thread_count(dropout):
+    """Each row's arithmetic is fixed (tiles of rows share loads, not sums): one thread and two
+    give the same bits, runs of rows or interleaved."""
+    from peftcore.ops.lora_grouped_cpp import cpp_lora_grouped
+
+    x, W, b, A, B, scales, _ = _inputs(301, 96, 70, [8, 16, 3], torch.float32)
+    runs = torch.tensor([0, 1, 2, -1, 0, 2, 1]).repeat_interleave(43)
+    interleaved = torch.randint(-1, 3, (301,), generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        for index in (runs, interleaved):
+            outputs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    outputs.append(cpp_lora_grouped(x, W, b, A, B, scales, index, [dropout] * 3, torch.tensor(9)))
+            assert torch.equal(outputs[0], outputs[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
 def test_cpp_gradcheck_with_dropout():
     from peftcore.ops.lora_grouped_cpp import cpp_lora_grouped
 
