@@ -72,7 +72,7 @@ def _add_training_options(p: argparse.ArgumentParser, d) -> None:
 
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: per strategy, e.g. lora 2e-3, full 1e-4)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: per strategy, e.g. lora 2e-3, full 1e-4; half that with --quantize nf4|fp4)")
     g.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="layer strategies: the task head's rate (default: --lr; 10 x --lr for progressive)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")

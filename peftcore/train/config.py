@@ -15,6 +15,11 @@ STOP_METRICS = {"accuracy": "max", "macro_f1": "max", "loss": "min"}
 #: How ``--quantize`` starts LoRA's factors (``--quantize-init``).
 QUANTIZE_INITS = ("calibrated", "svd", "none")
 
+#: The default learning rate's factor over a 4-bit base (``--quantize nf4|fp4`` without ``--lr``):
+#: there the adapter also makes up for a weight error of about 9 % (relative, per layer), and at
+#: the full default rate the runs overfit after their best epoch (docs/quantization.md).
+QUANTIZED_LR_FACTOR = {"nf4": 0.5, "fp4": 0.5}
+
 
 @dataclasses.dataclass
 class FinetuneConfig:
@@ -34,7 +39,8 @@ class FinetuneConfig:
         dropout: LoRA dropout.
         method_options: further ``peftcore.wrap`` options of the method (``--method-option k=v``).
         epochs: passes over the training data.
-        lr: peak learning rate; ``None`` = the strategy's default (strategies.DEFAULT_LR).
+        lr: peak learning rate; ``None`` = the strategy's default (strategies.DEFAULT_LR), halved
+            over a 4-bit base (``quantize`` nf4 or fp4, :data:`QUANTIZED_LR_FACTOR`).
         head_lr: the task head's rate in the layer strategies; ``None`` = ``lr`` (10 x ``lr``
             for ``progressive``).
         batch_size: examples per micro-batch.
@@ -143,7 +149,9 @@ class FinetuneConfig:
 
     @property
     def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else default_lr(self.resolved_strategy)
+        if self.lr is not None:
+            return self.lr
+        return default_lr(self.resolved_strategy) * QUANTIZED_LR_FACTOR.get(self.quantize, 1.0)
 
     def wrap_options(self) -> dict[str, Any]:
         """The ``peftcore.wrap`` options of a PEFT strategy (LoRA's rank/alpha/dropout, then extras)."""

@@ -35,6 +35,16 @@ def test_quantize_init_names_its_choices():
         FinetuneConfig(quantize="nf4", quantize_init="loftq").validate()
 
 
+def test_quantize_4bit_halves_the_default_learning_rate():
+    """Over a 4-bit base the default rate is halved (docs/quantization.md); int8 keeps it, --lr wins."""
+    full = FinetuneConfig().resolved_lr
+    assert FinetuneConfig(quantize="nf4").resolved_lr == full / 2
+    assert FinetuneConfig(quantize="fp4").resolved_lr == full / 2
+    assert FinetuneConfig(quantize="int8").resolved_lr == full
+    assert FinetuneConfig(quantize="nf4", lr=3e-3).resolved_lr == 3e-3
+    assert FinetuneConfig(strategy="adapter", quantize="nf4").resolved_lr == FinetuneConfig(strategy="adapter").resolved_lr / 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4"])  # int8 (bitsandbytes Linear8bitLt) is several times slower on the CPU
 def test_finetune_quantize_runs_and_learns(kind, tmp_path):
@@ -44,6 +54,7 @@ def test_finetune_quantize_runs_and_learns(kind, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "validation accuracy after fine-tuning" in done.stdout + done.stderr
+    assert ", lr 0.001\n" in done.stdout + done.stderr  # the default rate, halved over the 4-bit base
     files = {p.name for p in out.rglob("*")}
     assert "adapter_config.json" in files, files
     # the factors started from the quantization error, weighted by the training examples' inputs
