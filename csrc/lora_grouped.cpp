@@ -181,8 +181,7 @@ void forward_f32_tiles(const at::Tensor& x, const int64_t* idx, at::TensorList A
   float* pp = packed.data_ptr<float>();
   std::vector<const float*> Atp(G), Btp(G);
   std::vector<int64_t> ranks(G);
-  std::vector<double> scale(scales.begin(), scales.end());
-  std::vector<uint8_t> drop(G);
+  std::vector<uint8_t> drop(G);  // Dropout::drop is a vector<bool>: no pointer to hand on
   for (int64_t g = 0; g < G; ++g) {
     const int64_t r = A[g].size(0);
     const float* a = A[g].data_ptr<float>();
@@ -208,11 +207,11 @@ void forward_f32_tiles(const at::Tensor& x, const int64_t* idx, at::TensorList A
   float* yp = y.data_ptr<float>();
   const uint8_t* dp = drop.data();
   const int64_t grain = std::max<int64_t>(16, 32768 / std::max<int64_t>(1, (K + N) * 8 * R8));
+  const auto run = R8 == 1 ? &loops_avx2::forward_rows<1> : R8 == 2 ? &loops_avx2::forward_rows<2>
+                   : R8 == 3 ? &loops_avx2::forward_rows<3> : &loops_avx2::forward_rows<4>;
   at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
-    std::vector<float> xrow(4 * K);
-    const auto run = R8 == 1 ? &loops_avx2::forward_rows<1> : R8 == 2 ? &loops_avx2::forward_rows<2>
-                     : R8 == 3 ? &loops_avx2::forward_rows<3> : &loops_avx2::forward_rows<4>;
-    run(xp, idx, m0, m1, K, N, R, Atp.data(), Btp.data(), ranks.data(), scale.data(), bp, dp, dropout.thr.data(),
+    std::vector<float> xrow(4 * K);  // the dropped rows of one tile
+    run(xp, idx, m0, m1, K, N, R, Atp.data(), Btp.data(), ranks.data(), scales.data(), bp, dp, dropout.thr.data(),
         dropout.inv_keep.data(), dropout.seed, xrow.data(), hp, yp);
   });
 }
